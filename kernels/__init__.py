@@ -1,0 +1,1 @@
+"""CUDA C++ sources of mla_cupy's kernels, shipped inside the package and read with importlib.resources."""

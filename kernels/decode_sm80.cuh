@@ -1,0 +1,305 @@
+// Portable split-KV MLA decode kernel: mma.sync (m16n8k16) tensor cores, cp.async multi-stage
+// KV pipeline, online softmax. Runs on every GPU of compute capability 8.0 and newer.
+//
+// Grid (ceil(m / M_TILE), h_kv, num_sm_parts); block NTHREADS = 32 * WM * WN.
+// One CTA takes part blockIdx.z of the tile-scheduler metadata and, for kv head blockIdx.y,
+// computes query rows [blockIdx.x * M_TILE, +M_TILE) of every request (or request slice) that
+// part owns: S = Q K^T over BN-token KV tiles, masked (sequence end, causal), online softmax,
+// O += P V. A request owned whole is written to out / lse; a slice goes to the fp32 partial
+// buffers o_accum / lse_accum for the combine kernel.
+//
+// Warp layout: WM warps along the 16-row groups of M_TILE, WN warps share each row group. The
+// WN warps of a group split the BN tokens of S (TPW each) and the DV columns of O (CPW each);
+// their row maxima and sums meet in shared memory, and P (16-bit) is exchanged through sP.
+//
+// Shared memory: sQ [M_TILE][D] and STAGES KV tiles [BN][D], all rows made of 16-byte chunks
+// swizzled within 128-byte groups (chunk ^ (row & 7)) so ldmatrix is conflict-free; sP
+// [M_TILE][BN + 8]; row statistics sMax / sSum [WN][M_TILE] (fp32).
+#pragma once
+
+namespace mla {
+
+template <int D_, int DV_, int M_TILE_, int STAGES_>
+struct DecodeTraits {
+  static constexpr int D = D_, DV = DV_, M_TILE = M_TILE_, STAGES = STAGES_;
+  static constexpr int BN = 32;                       // KV tokens per pipeline stage
+  static constexpr int WM = M_TILE / 16;              // warps along query rows
+  static constexpr int WN = M_TILE == 64 ? 2 : 4;     // warps sharing a 16-row group
+  static constexpr int NWARPS = WM * WN;
+  static constexpr int NTHREADS = 32 * NWARPS;
+  static constexpr int TPW = BN / WN;                 // S tokens per warp
+  static constexpr int NT_S = TPW / 8;                // n8 tiles of S per warp
+  static constexpr int CPW = DV / WN;                 // O columns per warp
+  static constexpr int NT_O = CPW / 8;                // n8 tiles of O per warp
+  static constexpr int CHUNKS = D / 8;                // 16-byte chunks per K/Q row
+  static constexpr int P_STRIDE = BN + 8;             // sP row stride (elements), padded
+  static constexpr int THREADS_PER_TOKEN = NTHREADS / BN;
+  static constexpr int Q_BYTES = M_TILE * D * 2;
+  static constexpr int KV_STAGE_BYTES = BN * D * 2;
+  static constexpr int P_BYTES = M_TILE * P_STRIDE * 2;
+  static constexpr int STAT_BYTES = 2 * WN * M_TILE * 4;
+  static constexpr int SMEM_BYTES = Q_BYTES + STAGES * KV_STAGE_BYTES + P_BYTES + STAT_BYTES;
+
+  static_assert(M_TILE == 16 || M_TILE == 32 || M_TILE == 64, "M_TILE must be 16, 32 or 64");
+  static_assert(STAGES >= 2, "the pipeline needs at least two stages");
+  static_assert(D % 64 == 0, "swizzle works on groups of 8 chunks: D must be a multiple of 64");
+  static_assert(DV <= D && DV % 8 == 0, "V is the first DV columns of K");
+  static_assert(NT_S == 1 || NT_S == 2, "S tiles per warp are loaded with ldmatrix x2 or x4");
+  static_assert(NT_O % 2 == 0, "O tiles are loaded in pairs by ldmatrix x4.trans");
+  static_assert(NTHREADS % BN == 0 && CHUNKS % THREADS_PER_TOKEN == 0, "KV load mapping");
+  static_assert(BN % 16 == 0, "P V consumes 16 tokens per mma");
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][CHUNKS] tile.
+template <int CHUNKS>
+MLA_DEVICE uint32_t swz(int row, int chunk) {
+  return uint32_t((row * CHUNKS + (chunk ^ (row & 7))) * 16);
+}
+
+template <int D, int DV, int M_TILE, int STAGES, bool IsBf16>
+__global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS, 1)
+    decode_kernel(const __grid_constant__ DecodeParams p) {
+  using T = DecodeTraits<D, DV, M_TILE, STAGES>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  if (threadIdx.x == 0 && dynamic_smem_bytes() < uint32_t(T::SMEM_BYTES)) __trap();
+
+  uint8_t* sQ = smem;
+  uint8_t* sKV = smem + T::Q_BYTES;
+  uint16_t* sP = reinterpret_cast<uint16_t*>(sKV + T::STAGES * T::KV_STAGE_BYTES);
+  float* sMax = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sP) + T::P_BYTES);
+  float* sSum = sMax + T::WN * M_TILE;
+  const uint32_t sQ_addr = smem_addr(sQ), sKV_addr = smem_addr(sKV), sP_addr = smem_addr(sP);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rg = warp % T::WM, wn = warp / T::WM;  // row group, slot within the group
+  const int g = lane >> 2, t4 = lane & 3;          // mma fragment coordinates
+  const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
+  const int row0 = m_block * M_TILE;               // first packed query row of this CTA
+  const int wrow = rg * 16;                        // warp's first row inside the tile
+
+  const int32_t* sched = p.sched + part * 8;
+  const int begin_req = sched[0], end_req = sched[1];
+  const int begin_block = sched[2], end_block = sched[3], begin_split = sched[4];
+
+  const char* q_base = static_cast<const char*>(p.q);
+  const char* kv_base = static_cast<const char*>(p.kv);
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int seqlen = p.seqlens[req];
+    int tok_begin = req == begin_req ? begin_block * 64 : 0;
+    int tok_end = req == end_req ? min(end_block * 64, seqlen) : seqlen;
+    // Causal: the last row of this tile sees keys up to seqlen - s_q + i_max.
+    const int i_max = (min(row0 + M_TILE, p.m) - 1) / p.ngroups;
+    if (p.causal) tok_end = min(tok_end, seqlen - p.s_q + i_max + 1);
+    const int n_tiles = tok_end > tok_begin ? (tok_end - tok_begin + T::BN - 1) / T::BN : 0;
+    const int split_idx = req == begin_req ? begin_split : 0;
+    const int split_base = p.num_splits[req];
+    const bool whole = p.num_splits[req + 1] - split_base == 1;
+
+    // ---- issue Q (rows past m are zero-filled) -------------------------------------------------
+    for (int idx = tid; idx < M_TILE * T::CHUNKS; idx += T::NTHREADS) {
+      const int r = idx / T::CHUNKS, c = idx % T::CHUNKS;
+      const int row = row0 + r;
+      const bool valid = row < p.m;
+      const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
+      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
+                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 8);
+      cp_async_16(sQ_addr + swz<T::CHUNKS>(r, c), valid ? src : q_base, valid ? 16 : 0);
+    }
+
+    // ---- KV tile loader: THREADS_PER_TOKEN threads per token, strided 16-byte chunks ---------
+    const int ld_tok = tid / T::THREADS_PER_TOKEN, ld_sub = tid % T::THREADS_PER_TOKEN;
+    const int32_t* bt_row = p.block_table + req * p.bt_stride_b;
+    auto load_tile = [&](int tile, int stage) {
+      const int tok = tok_begin + tile * T::BN + ld_tok;
+      const bool valid = tok < tok_end;
+      const char* src = kv_base;
+      if (valid) {
+        const int page = tok / p.page_size;
+        const int64_t blk = bt_row[page];
+        src = kv_base + 2 * (blk * p.kv_stride_block + (int64_t)(tok - page * p.page_size) * p.kv_stride_tok +
+                             (int64_t)hk * p.kv_stride_head);
+      }
+      const uint32_t dst = sKV_addr + stage * T::KV_STAGE_BYTES;
+#pragma unroll
+      for (int j = 0; j < T::CHUNKS / T::THREADS_PER_TOKEN; ++j) {
+        const int c = ld_sub + j * T::THREADS_PER_TOKEN;
+        cp_async_16(dst + swz<T::CHUNKS>(ld_tok, c), valid ? src + c * 16 : kv_base, valid ? 16 : 0);
+      }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < n_tiles) load_tile(s, s);
+      cp_async_commit();  // the first group also carries Q
+    }
+
+    // ---- per-thread softmax state for rows wrow + g and wrow + g + 8 ---------------------------
+    float o[T::NT_O][4];
+#pragma unroll
+    for (int j = 0; j < T::NT_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
+    int vis_end[2];  // first invisible key of each of the thread's two rows (causal)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + wrow + g + 8 * h;
+      vis_end[h] = p.causal ? seqlen - p.s_q + min(row, p.m - 1) / p.ngroups + 1 : seqlen;
+    }
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // tile `tile` landed for everyone; stage of tile-1 is free
+      {
+        const int next = tile + STAGES - 1;
+        if (next < n_tiles) load_tile(next, next % STAGES);
+        cp_async_commit();
+      }
+      const uint32_t sK = sKV_addr + (tile % STAGES) * T::KV_STAGE_BYTES;
+
+      // ---- S = Q K^T for 16 rows x TPW tokens ---------------------------------------------------
+      float s[T::NT_S][4];
+#pragma unroll
+      for (int j = 0; j < T::NT_S; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      const int n0 = wn * T::TPW;
+#pragma unroll 4
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4], b[T::NT_S][2];
+        ldmatrix_x4(sQ_addr + swz<T::CHUNKS>(wrow + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1], a[2], a[3]);
+        if constexpr (T::NT_S == 2) {
+          ldmatrix_x4(sK + swz<T::CHUNKS>(n0 + ((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)),
+                      b[0][0], b[0][1], b[1][0], b[1][1]);
+        } else {
+          ldmatrix_x2(sK + swz<T::CHUNKS>(n0 + (lane & 7), kk * 2 + ((lane >> 3) & 1)), b[0][0], b[0][1]);
+        }
+#pragma unroll
+        for (int j = 0; j < T::NT_S; ++j) mma_16816<IsBf16>(s[j], a, b[j]);
+      }
+
+      // ---- mask, scale to log2 units, tile row max --------------------------------------------
+      const int tile_tok = tok_begin + tile * T::BN + n0;
+      float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+      for (int j = 0; j < T::NT_S; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int tok = tile_tok + j * 8 + 2 * t4 + (e & 1);
+          const bool ok = tok < tok_end && tok < vis_end[h];
+          s[j][e] = ok ? s[j][e] * p.scale_log2 : neg_inf();
+          mx[h] = fmaxf(mx[h], s[j][e]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      }
+      if (t4 == 0) {
+        sMax[wn * M_TILE + wrow + g] = mx[0];
+        sMax[wn * M_TILE + wrow + g + 8] = mx[1];
+      }
+      named_barrier(1 + rg, 32 * T::WN);
+
+      float m_new[2], m_use[2], alpha[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mt = m_run[h];
+#pragma unroll
+        for (int w = 0; w < T::WN; ++w) mt = fmaxf(mt, sMax[w * M_TILE + wrow + g + 8 * h]);
+        m_new[h] = mt;
+        m_use[h] = mt == neg_inf() ? 0.f : mt;  // a row with nothing visible yet stays at zero
+        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+      }
+#pragma unroll
+      for (int j = 0; j < T::NT_S; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = fast_exp2(s[j][e] - m_use[e >> 1]);
+          rs[e >> 1] += s[j][e];
+        }
+        const int col = n0 + j * 8 + 2 * t4;
+        store_u32(sP + (wrow + g) * T::P_STRIDE + col, pack2<IsBf16>(s[j][0], s[j][1]));
+        store_u32(sP + (wrow + g + 8) * T::P_STRIDE + col, pack2<IsBf16>(s[j][2], s[j][3]));
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        rs[h] += __shfl_xor_sync(0xffffffffu, rs[h], 1);
+        rs[h] += __shfl_xor_sync(0xffffffffu, rs[h], 2);
+      }
+      if (t4 == 0) {
+        sSum[wn * M_TILE + wrow + g] = rs[0];
+        sSum[wn * M_TILE + wrow + g + 8] = rs[1];
+      }
+#pragma unroll
+      for (int j = 0; j < T::NT_O; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+      }
+      named_barrier(1 + rg, 32 * T::WN);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tsum = 0.f;
+#pragma unroll
+        for (int w = 0; w < T::WN; ++w) tsum += sSum[w * M_TILE + wrow + g + 8 * h];
+        l_run[h] = l_run[h] * alpha[h] + tsum;
+        m_run[h] = m_new[h];
+      }
+
+      // ---- O += P V over this warp's CPW columns ------------------------------------------------
+      const int c0 = wn * T::CPW;
+#pragma unroll
+      for (int kt = 0; kt < T::BN / 16; ++kt) {
+        uint32_t a[4];
+        ldmatrix_x4(sP_addr + 2 * ((wrow + (lane & 15)) * T::P_STRIDE + kt * 16 + (lane >> 4) * 8), a[0], a[1], a[2],
+                    a[3]);
+        const int vtok = kt * 16 + (((lane >> 3) & 1) << 3) + (lane & 7);
+#pragma unroll
+        for (int j = 0; j < T::NT_O / 2; ++j) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(sK + swz<T::CHUNKS>(vtok, ((c0 + j * 16) >> 3) + (lane >> 4)), b[0], b[1], b[2], b[3]);
+          mma_16816<IsBf16>(o[2 * j], a, b);
+          mma_16816<IsBf16>(o[2 * j + 1], a, b + 2);
+        }
+      }
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue ---------------------------------------------------------------------------------
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + wrow + g + 8 * h;
+      if (row >= p.m) continue;
+      const float inv_l = l_run[h] > 0.f ? 1.f / l_run[h] : 0.f;
+      const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
+      if (whole) {
+        char* orow = static_cast<char*>(p.out) +
+                     2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
+#pragma unroll
+        for (int j = 0; j < T::NT_O; ++j) {
+          const int col = wn * T::CPW + j * 8 + 2 * t4;
+          store_u32(orow + 2 * col, pack2<IsBf16>(o[j][2 * h] * inv_l, o[j][2 * h + 1] * inv_l));
+        }
+        if (wn == 0 && t4 == 0) {
+          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
+              l_run[h] > 0.f ? (m_run[h] + log2f(l_run[h])) * kLn2 : pos_inf();
+        }
+      } else {
+        const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
+        float* orow = p.o_accum + (slot * p.m + row) * DV;
+#pragma unroll
+        for (int j = 0; j < T::NT_O; ++j) {
+          const int col = wn * T::CPW + j * 8 + 2 * t4;
+          *reinterpret_cast<float2*>(orow + col) = make_float2(o[j][2 * h] * inv_l, o[j][2 * h + 1] * inv_l);
+        }
+        if (wn == 0 && t4 == 0) {
+          p.lse_accum[slot * p.m + row] = l_run[h] > 0.f ? m_run[h] + log2f(l_run[h]) : neg_inf();
+        }
+      }
+    }
+    __syncthreads();  // sQ / sKV / sP are reused by the next request
+  }
+}
+
+}  // namespace mla

@@ -1,0 +1,72 @@
+// Tile scheduler: splits the KV work of a batch across num_sm_parts persistent decode CTAs
+// (FlashMLA's greedy scheme, mirrored exactly by mla_cupy/scheduler.py).
+//
+// Grid (1), block (32): one warp. Cost of a request = ceil(seqlen / 64) blocks + 5 fixed blocks;
+// each part takes payload = max(ceil(total / parts) + 5, 10) and a request that does not fit is
+// split at a block boundary. Output per part p (8 int32): begin_req, end_req (inclusive),
+// begin_block, end_block (64-token blocks of the first / last request; the last one ends at
+// min(end_block * 64, seqlen)), begin_split_idx, is_first_req_split, is_last_req_split, 0.
+// num_splits[b + 1] are prefix sums of the number of splits of each request. Runs entirely on
+// the GPU, reading cache_seqlens from device memory: no host sync, safe to capture in a graph.
+#pragma once
+
+namespace mla {
+
+MLA_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+__global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ MetadataParams p) {
+  const int lane = threadIdx.x;
+  const int B = p.block_tokens, F = p.fixed_overhead;
+  int total = 0;
+  for (int i = lane; i < p.batch; i += 32) total += ceil_div(p.seqlens[i], B) + F;
+  for (int off = 16; off >= 1; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+
+  if (lane == 0) {
+    const int payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
+    int now_req = 0, now_block = 0, now_split = 0, cum = 0;
+    p.num_splits[0] = 0;
+    for (int part = 0; part < p.num_sm_parts; ++part) {
+      int32_t* row = p.sched + part * 8;
+      row[0] = now_req;
+      row[2] = now_block;
+      row[4] = now_split;
+      int remain = payload;
+      while (now_req < p.batch) {
+        const int left = ceil_div(p.seqlens[now_req], B) - now_block;
+        if (remain >= left + F) {
+          cum += now_split + 1;
+          p.num_splits[now_req + 1] = cum;
+          remain -= left + F;
+          ++now_req;
+          now_block = 0;
+          now_split = 0;
+        } else {
+          if (remain - F > 0) {
+            now_block += remain - F;
+            ++now_split;
+          }
+          break;
+        }
+      }
+      if (now_block > 0) {
+        row[1] = now_req;
+        row[3] = now_block;
+      } else {
+        row[1] = now_req - 1;
+        row[3] = now_req > 0 ? ceil_div(p.seqlens[now_req - 1], B) : 0;
+      }
+    }
+  }
+  __syncthreads();  // num_splits complete and visible to the whole (one-warp) block
+
+  for (int part = lane; part < p.num_sm_parts; part += 32) {
+    int32_t* row = p.sched + part * 8;
+    const int begin = row[0], end = row[1];
+    const bool empty = begin >= p.batch;
+    row[5] = empty ? 0 : int(p.num_splits[begin + 1] - p.num_splits[begin] > 1);
+    row[6] = empty ? 0 : int(p.num_splits[end + 1] - p.num_splits[end] > 1);
+    row[7] = 0;
+  }
+}
+
+}  // namespace mla

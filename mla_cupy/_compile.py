@@ -1,0 +1,265 @@
+"""Compile entry: assembles kernels/*.cuh into one translation unit and builds modules.
+
+* One translation unit for every module: the kernel sources in a fixed order, preceded by a
+  first line naming the package version and a SHA-256 of all of them, and the params
+  static_asserts. CuPy keys its disk cache on the source text, so any change to any kernel
+  file changes every module's key: a stale cached binary can never be loaded.
+* A module is a ``Variant``: a name plus the template instantiations it holds
+  (``name_expressions``). ``get_module(device, variant)`` compiles it through NVRTC
+  (``cupy.RawModule``) once per process and device; ``compile_offline(variant, arch)`` builds
+  a cubin with NVRTC alone, no GPU needed (the compile test lane and resource reports).
+* ``decode_config`` picks the decode kernel's tile (query rows per CTA) and pipeline depth
+  from the problem and the device's shared-memory limit; its byte count mirrors
+  ``DecodeTraits::SMEM_BYTES`` (the kernel traps if it is launched with less).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import importlib.resources
+import logging
+import os
+import pathlib
+import threading
+import time
+
+from . import _params
+from ._env import CONFIG
+from ._errors import CompileDisabledError, CompileError
+from ._version import __version__
+from .support import DTYPES, HEAD_DIMS
+
+logger = logging.getLogger("mla_cupy")
+
+KERNEL_FILES = ("prelude.cuh", "params.cuh", "scheduler.cuh", "decode_sm80.cuh", "combine.cuh")
+NVRTC_OPTIONS = ("-std=c++17",)
+
+# Decode kernel tile constants (mirror kernels/decode_sm80.cuh DecodeTraits).
+KV_TILE_TOKENS = 32
+MAX_STAGES = 4
+M_TILES = (16, 32, 64)
+# Opt-in shared memory per block of the GPU classes the compile lane covers (bytes):
+# sm_86/89-class 99 KB, sm_80/87 163 KB, sm_90 227 KB.
+SMEM_CLASSES = (101376, 166912, 232448)
+
+
+def _kernels_dir():
+    try:
+        root = importlib.resources.files("mla_cupy.kernels")
+        if root.joinpath(KERNEL_FILES[0]).is_file():
+            return root
+    except ModuleNotFoundError:
+        pass
+    root = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    if not (root / KERNEL_FILES[0]).is_file():
+        raise CompileError(f"kernel sources not found (looked in mla_cupy.kernels and {root})")
+    return root
+
+
+@functools.cache
+def _sources():
+    root = _kernels_dir()
+    return tuple((name, root.joinpath(name).read_text(encoding="utf-8")) for name in KERNEL_FILES)
+
+
+@functools.cache
+def source_digest():
+    """SHA-256 over every kernel source file (name and text), hex."""
+    h = hashlib.sha256()
+    for name, text in _sources():
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def translation_unit():
+    """The full CUDA source every module is compiled from."""
+    parts = [f"// mla_cupy {__version__} kernels sha256:{source_digest()}\n"]
+    for name, text in _sources():
+        parts.append(f"// ---- {name} ----\n{text}\n")
+        if name == "params.cuh":
+            parts.append("// ---- generated: parameter layout checks ----\n" + _params.static_asserts())
+    return "".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled module: a name and the kernel instantiations it holds."""
+
+    name: str
+    name_expressions: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    m_tile: int
+    stages: int
+    threads: int
+    smem_bytes: int
+
+
+def _dtype_tag(dtype):
+    return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+
+
+def metadata_variant():
+    return Variant("metadata", ("mla::metadata_kernel",))
+
+
+def decode_variant(dtype, head_dim, head_dim_v, cfg):
+    bf16 = "true" if dtype == "bfloat16" else "false"
+    return Variant(
+        f"decode_{_dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_m{cfg.m_tile}_s{cfg.stages}",
+        (
+            f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {bf16}>",
+            f"mla::combine_kernel<{head_dim_v}, {bf16}>",
+        ),
+    )
+
+
+def decode_smem_bytes(head_dim, m_tile, stages):
+    wn = 2 if m_tile == 64 else 4
+    q = m_tile * head_dim * 2
+    kv = KV_TILE_TOKENS * head_dim * 2
+    p = m_tile * (KV_TILE_TOKENS + 8) * 2
+    stats = 2 * wn * m_tile * 4
+    return q + stages * kv + p + stats
+
+
+def decode_config(head_dim, m, smem_limit):
+    """Tile and pipeline depth for m packed query rows on a device with smem_limit bytes.
+
+    The smallest tile covering m (16, 32 or 64 rows; larger m uses several 64-row CTAs), then
+    as many KV stages as fit (at most MAX_STAGES); a tile that fits fewer than two stages falls
+    back to the next smaller one. Returns None when even 16 rows and two stages do not fit.
+    """
+    m_tile = next((t for t in M_TILES if m <= t), M_TILES[-1])
+    while True:
+        fixed = decode_smem_bytes(head_dim, m_tile, 0)
+        stages = min(MAX_STAGES, (smem_limit - fixed) // (KV_TILE_TOKENS * head_dim * 2))
+        if stages >= 2:
+            threads = 32 * (m_tile // 16) * (2 if m_tile == 64 else 4)
+            return DecodeConfig(m_tile, stages, threads, decode_smem_bytes(head_dim, m_tile, stages))
+        if m_tile == M_TILES[0]:
+            return None
+        m_tile = M_TILES[M_TILES.index(m_tile) - 1]
+
+
+def all_variants():
+    """Every module a supported GPU can need: metadata, and decode+combine per config."""
+    out = {metadata_variant().name: metadata_variant()}
+    for dtype in DTYPES:
+        for d, dv in HEAD_DIMS:
+            for smem in SMEM_CLASSES:
+                for m in M_TILES:
+                    cfg = decode_config(d, m, smem)
+                    if cfg is not None:
+                        v = decode_variant(dtype, d, dv, cfg)
+                        out[v.name] = v
+    return list(out.values())
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_modules = {}  # (device id, variant name) -> cupy.RawModule with every function loaded
+_compile_allowed = threading.local()
+
+
+def _dump(variant):
+    if CONFIG.dump_source:
+        path = pathlib.Path(CONFIG.dump_source)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f"{variant.name}.cu").write_text(translation_unit())
+
+
+class allow_compile:
+    """Context in which get_module may compile even under MLA_CUPY_NO_COMPILE=1 (warmup)."""
+
+    def __enter__(self):
+        self._prev = getattr(_compile_allowed, "value", False)
+        _compile_allowed.value = True
+
+    def __exit__(self, *exc):
+        _compile_allowed.value = self._prev
+
+
+def get_module(device_id, variant):
+    """The loaded module of `variant` on device `device_id`; compiles on first use."""
+    key = (device_id, variant.name)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is not None:
+            return mod
+        if CONFIG.no_compile and not getattr(_compile_allowed, "value", False):
+            raise CompileDisabledError(
+                f"kernel module {variant.name!r} is not loaded and MLA_CUPY_NO_COMPILE=1 forbids "
+                "compiling it now; call mla_cupy.warmup(...) with this problem's shapes first"
+            )
+        import cupy
+
+        _dump(variant)
+        t0 = time.perf_counter()
+        prev_cache = os.environ.get("CUPY_CACHE_DIR")
+        if CONFIG.cache_dir:
+            os.environ["CUPY_CACHE_DIR"] = CONFIG.cache_dir
+        try:
+            with cupy.cuda.Device(device_id):
+                mod = cupy.RawModule(
+                    code=translation_unit(), options=NVRTC_OPTIONS, name_expressions=list(variant.name_expressions)
+                )
+                for expr in variant.name_expressions:
+                    mod.get_function(expr)  # compile (or load from the disk cache) now
+        except cupy.cuda.compiler.CompileException as exc:
+            raise CompileError(f"NVRTC failed to compile module {variant.name!r}", str(exc)) from exc
+        finally:
+            if CONFIG.cache_dir:
+                if prev_cache is None:
+                    os.environ.pop("CUPY_CACHE_DIR", None)
+                else:
+                    os.environ["CUPY_CACHE_DIR"] = prev_cache
+        logger.info("module %s ready on device %d in %.2f s", variant.name, device_id, time.perf_counter() - t0)
+        _modules[key] = mod
+        return mod
+
+
+def loaded_module_seconds():
+    return dict(_load_seconds)
+
+
+_load_seconds = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineBuild:
+    cubin: bytes
+    log: str
+    lowered_names: dict
+
+
+def compile_offline(variant, arch, extra_options=()):
+    """Builds `variant` for `arch` (e.g. "sm_80", "sm_90a") with NVRTC alone; no GPU needed.
+
+    The log carries ptxas' resource report (registers, shared memory, spills) per kernel.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(translation_unit(), f"{variant.name}.cu", [], [])
+    try:
+        for expr in variant.name_expressions:
+            nvrtc.addNameExpression(prog, expr)
+        options = [f"--gpu-architecture={arch}", *NVRTC_OPTIONS, "--ptxas-options=--verbose", *extra_options]
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as exc:
+            raise CompileError(f"NVRTC failed to compile {variant.name} for {arch}", nvrtc.getProgramLog(prog)) from exc
+        lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in variant.name_expressions}
+        return OfflineBuild(nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog), lowered)
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -1,0 +1,40 @@
+"""Environment switches, all prefixed MLA_CUPY_, read once at import into a frozen config.
+
+| variable | default | effect |
+|---|---|---|
+| MLA_CUPY_CACHE_DIR | CuPy's (~/.cupy/kernel_cache) | where compiled kernels are cached on disk |
+| MLA_CUPY_LOG_LEVEL | WARNING | level of the "mla_cupy" logger (compile and cache events at INFO) |
+| MLA_CUPY_DUMP_SOURCE | unset | directory: write each assembled translation unit there before compiling |
+| MLA_CUPY_NO_COMPILE | 0 | 1: any compile after import raises CompileDisabledError (use after warmup()) |
+| MLA_CUPY_VALIDATE | 0 | 1: check device data (seqlens, block ids) on every call; costs a host sync |
+"""
+
+import dataclasses
+import os
+
+
+def _flag(name):
+    value = os.environ.get(name, "0").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    cache_dir: str | None
+    log_level: str
+    dump_source: str | None
+    no_compile: bool
+    validate: bool
+
+
+def read_config():
+    return Config(
+        cache_dir=os.environ.get("MLA_CUPY_CACHE_DIR") or None,
+        log_level=os.environ.get("MLA_CUPY_LOG_LEVEL", "WARNING").upper(),
+        dump_source=os.environ.get("MLA_CUPY_DUMP_SOURCE") or None,
+        no_compile=_flag("MLA_CUPY_NO_COMPILE"),
+        validate=_flag("MLA_CUPY_VALIDATE"),
+    )
+
+
+CONFIG = read_config()

@@ -1,0 +1,324 @@
+"""Framework interop: every conversion between the caller's arrays and CuPy lives here.
+
+Inputs may be CuPy arrays or CUDA DLPack producers (a ``torch.Tensor`` or ``jax.Array`` on a
+GPU). The framework is read from ``type(x).__module__``, so importing mla_cupy imports neither
+torch nor jax; they are imported here only once such an input has been seen.
+
+Foreign arrays are imported zero-copy with ``cupy.from_dlpack`` while the stream of the call is
+CuPy's current stream, so DLPack's stream handshake makes that stream wait for the producer's
+pending work. Results go back the same way (:meth:`Ctx.export`): the consumer's
+``from_dlpack`` hands its stream to CuPy, which orders it after ours. No host sync, no copy.
+
+Stream of a call, first match wins: the ``stream`` argument; the current stream of the inputs'
+framework (torch: ``torch.cuda.current_stream(device)``; JAX exposes none, so CuPy's); CuPy's
+current stream.
+"""
+
+import contextlib
+import dataclasses
+
+import cupy
+
+EXPECTED_ARRAY = (
+    "a CUDA array: cupy.ndarray or a CUDA DLPack producer such as a torch.Tensor or jax.Array "
+    "on a GPU")
+
+EXPECTED_STREAM = (
+    "a cupy.cuda.Stream, a torch.cuda.Stream, an object with __cuda_stream__() or an int "
+    "cudaStream_t address")
+
+# DLPack device types (dlpack.h): memory a CUDA kernel can read directly.
+_DL_CPU = 1
+_DL_CUDA = 2
+_DL_CUDA_HOST = 3
+_DL_CUDA_MANAGED = 13
+_CUDA_DEVICE_TYPES = (_DL_CUDA, _DL_CUDA_MANAGED)
+_DEVICE_TYPE_NAMES = {_DL_CPU: "CPU", _DL_CUDA: "CUDA", _DL_CUDA_HOST: "CUDA host (pinned)",
+                      _DL_CUDA_MANAGED: "CUDA managed", 10: "ROCm"}
+
+# Top-level module of an array type -> the framework its results are returned in.
+_FRAMEWORKS = {"cupy": "cupy", "torch": "torch", "jax": "jax", "jaxlib": "jax"}
+
+
+def framework_of(x):
+    """``"cupy"``, ``"torch"`` or ``"jax"`` from the type's module; None for anything else."""
+    module = type(x).__module__ or ""
+    return _FRAMEWORKS.get(module.partition(".")[0])
+
+
+def _describe(x):
+    t = type(x)
+    module = t.__module__
+    name = t.__qualname__ if module in ("builtins", None) else f"{module}.{t.__qualname__}"
+    shape = getattr(x, "shape", None)
+    return f"{name} of shape {tuple(shape)}" if isinstance(shape, tuple) else name
+
+
+def _dlpack_device(x):
+    """``(device_type, device_id)`` from ``__dlpack_device__``, or None if it cannot tell."""
+    method = getattr(x, "__dlpack_device__", None)
+    if method is None:
+        return None
+    try:
+        device_type, device_id = method()
+        return int(device_type), int(device_id)
+    except Exception:
+        return None
+
+
+def is_cuda_array(x):
+    """True for a CuPy array or a DLPack producer whose memory lives on a CUDA device."""
+    if isinstance(x, cupy.ndarray):
+        return True
+    if not hasattr(x, "__dlpack__"):
+        return False
+    device = _dlpack_device(x)
+    return device is not None and device[0] in _CUDA_DEVICE_TYPES
+
+
+def device_of(x):
+    """CUDA device id of a CuPy array or a CUDA DLPack producer (see :func:`is_cuda_array`)."""
+    if isinstance(x, cupy.ndarray):
+        return int(x.device.id)
+    device = _dlpack_device(x)
+    if device is None or device[0] not in _CUDA_DEVICE_TYPES:
+        raise TypeError(f"expected {EXPECTED_ARRAY}, got {_describe(x)}")
+    return device[1]
+
+
+def _check_cuda_array(name, x):
+    """The device id of ``x``; TypeError naming ``name`` for anything a kernel cannot read."""
+    if isinstance(x, cupy.ndarray):
+        return int(x.device.id)
+    if not hasattr(x, "__dlpack__"):
+        hint = ""
+        if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
+            hint = " (host memory is never copied implicitly; move it to the GPU first)"
+        raise TypeError(f"{name}: expected {EXPECTED_ARRAY}, got {_describe(x)}{hint}")
+    device = _dlpack_device(x)
+    if device is None:
+        hint = ""
+        if framework_of(x) == "jax" and "Tracer" in type(x).__name__:
+            hint = " (a traced value: mla_cupy runs eagerly, outside jax.jit and transforms)"
+        raise TypeError(
+            f"{name}: expected {EXPECTED_ARRAY}, got {_describe(x)} whose __dlpack_device__() "
+            f"does not report a device{hint}")
+    if device[0] not in _CUDA_DEVICE_TYPES:
+        where = _DEVICE_TYPE_NAMES.get(device[0], f"DLPack device type {device[0]}")
+        raise TypeError(
+            f"{name}: expected {EXPECTED_ARRAY}, got {_describe(x)} in {where} memory "
+            f"(host memory is never copied implicitly; move it to the GPU first)")
+    return device[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Streams.
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` in the CUDA stream protocol, keeping its owner alive."""
+
+    __slots__ = ("ptr", "owner")
+
+    def __init__(self, ptr, owner=None):
+        self.ptr = ptr
+        self.owner = owner
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def _stream_pointer(stream):
+    """``(ptr, cupy_stream_or_None)`` for the ``stream`` argument; no CUDA call is made."""
+    if isinstance(stream, bool):
+        raise TypeError(f"stream: expected {EXPECTED_STREAM}, got bool {stream}")
+    if isinstance(stream, cupy.cuda.Stream) or (
+            framework_of(stream) == "cupy" and hasattr(stream, "ptr")):
+        return int(stream.ptr), stream
+    if isinstance(stream, int):
+        if stream < 0:
+            raise ValueError(f"stream: expected a cudaStream_t address >= 0, got {stream}")
+        return stream, None
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if callable(protocol):
+        result = protocol()
+        if (not isinstance(result, tuple) or len(result) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in result)):
+            raise TypeError(
+                f"stream: expected __cuda_stream__() to return (0, address), got {result!r}")
+        version, ptr = result
+        if version != 0:
+            raise ValueError(
+                f"stream: expected __cuda_stream__() version 0, got version {version}")
+        return ptr, None
+    ptr = getattr(stream, "cuda_stream", None)  # torch.cuda.Stream
+    if isinstance(ptr, int) and not isinstance(ptr, bool):
+        return ptr, None
+    raise TypeError(f"stream: expected {EXPECTED_STREAM}, got {_describe(stream)}")
+
+
+def _stream_device(stream):
+    """The device id a stream object says it belongs to, or None if it does not say."""
+    device_id = getattr(stream, "device_id", None)  # CuPy streams; -1 means unknown
+    if isinstance(device_id, int) and device_id >= 0:
+        return device_id
+    device = getattr(stream, "device", None)  # torch.cuda.Stream
+    index = getattr(device, "index", None)
+    if isinstance(index, int) and index >= 0:
+        return index
+    return None
+
+
+# Wrappers of raw stream addresses that need no owner kept alive, per (address, device).
+_WRAPPED = {}
+_WRAPPED_MAX = 64
+
+
+def _wrap_pointer(ptr, device_id, owner=None):
+    """A CuPy stream object for a foreign ``cudaStream_t`` on ``device_id``."""
+    key = (ptr, device_id)
+    if owner is None and key in _WRAPPED:
+        return _WRAPPED[key]
+    with cupy.cuda.Device(device_id):  # from_external takes the current device's id
+        wrapped = cupy.cuda.Stream.from_external(_StreamHandle(ptr, owner))
+    if owner is None:
+        if len(_WRAPPED) >= _WRAPPED_MAX:
+            _WRAPPED.clear()
+        _WRAPPED[key] = wrapped
+    return wrapped
+
+
+def _resolve_stream(stream, framework, device_id):
+    if stream is not None:
+        ptr, cupy_stream = _stream_pointer(stream)
+        said = _stream_device(stream)
+        if said is not None and said != device_id:
+            raise ValueError(
+                f"stream: expected a stream of device {device_id} (the arrays' device), "
+                f"got a stream of device {said}")
+        if cupy_stream is not None:
+            return cupy_stream
+        owner = None if isinstance(stream, int) else stream
+        return _wrap_pointer(ptr, device_id, owner)
+    if framework == "torch":
+        import torch
+
+        ptr = int(torch.cuda.current_stream(device_id).cuda_stream)
+        return _wrap_pointer(ptr, device_id)
+    # CuPy inputs, or JAX, which exposes no stream: CuPy's current stream of the device. JAX's
+    # __dlpack__ makes the stream it is handed wait for the array to be ready.
+    return cupy.cuda.get_current_stream(device_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Import and export.
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    """Where one call runs and how its results go back to the caller.
+
+    ``framework`` is ``"cupy"``, ``"torch"`` or ``"jax"``; ``stream`` is a CuPy stream object
+    (``with ctx.stream:``, ``ctx.stream.ptr``) of device ``device_id``. ``keepalive`` holds the
+    caller's foreign arrays for as long as the context lives.
+    """
+
+    framework: str
+    device_id: int
+    stream: object
+    keepalive: tuple = dataclasses.field(default=(), repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def activate(self):
+        """Make ``device_id`` the current device and ``stream`` its current stream."""
+        with cupy.cuda.Device(self.device_id), self.stream:
+            yield self.stream
+
+    def export(self, array):
+        """Return a CuPy result in the caller's array type, zero-copy (None passes through).
+
+        The caller's framework takes the array on its current stream, which DLPack orders after
+        the work already queued on ``stream``.
+        """
+        if array is None or self.framework == "cupy":
+            return array
+        with self.activate():
+            if self.framework == "torch":
+                import torch
+
+                return torch.from_dlpack(array)
+            import jax.dlpack
+
+            from_dlpack = getattr(jax.dlpack, "from_dlpack", None)
+            if from_dlpack is None:
+                import jax.numpy
+
+                from_dlpack = jax.numpy.from_dlpack
+            return from_dlpack(array)
+
+
+def import_arrays(named, stream=None):
+    """Bring the caller's arrays into CuPy, zero-copy, on one device and one stream.
+
+    Parameters
+    ----------
+    named : dict[str, object or None]
+        Argument name -> array. None passes through as None.
+    stream : optional
+        A ``cupy.cuda.Stream``, a ``torch.cuda.Stream``, an object with ``__cuda_stream__()``
+        or an int ``cudaStream_t`` address; None picks the inputs' framework's current stream.
+
+    Returns
+    -------
+    arrays : dict[str, cupy.ndarray or None]
+        Same keys, in the same order.
+    ctx : Ctx
+        The framework, device and stream of the call, and :meth:`Ctx.export` for results.
+
+    Raises
+    ------
+    TypeError
+        For an argument that is not a CUDA array (host arrays are never copied implicitly), or a
+        ``stream`` of an unsupported type.
+    ValueError
+        For arrays of two frameworks, arrays on two devices, or a stream of another device.
+    """
+    # Classify everything first; nothing below touches the GPU until all checks pass.
+    framework, framework_arg = None, None
+    device_id, device_arg = None, None
+    present = []
+    for name, x in named.items():
+        if x is None:
+            continue
+        x_device = _check_cuda_array(name, x)
+        x_framework = framework_of(x)
+        if x_framework is not None:
+            if framework is None:
+                framework, framework_arg = x_framework, name
+            elif x_framework != framework:
+                raise ValueError(
+                    f"{framework_arg} and {name}: expected arrays of one framework, got "
+                    f"{framework} ({framework_arg}) and {x_framework} ({name})")
+        if device_id is None:
+            device_id, device_arg = x_device, name
+        elif x_device != device_id:
+            raise ValueError(
+                f"{device_arg} and {name}: expected arrays on one device, got device "
+                f"{device_id} ({device_arg}) and device {x_device} ({name})")
+        present.append(name)
+    if stream is not None:
+        _stream_pointer(stream)  # type check before any CUDA call
+    framework = framework or "cupy"
+    if device_id is None:
+        device_id = cupy.cuda.runtime.getDevice()
+
+    ctx_stream = _resolve_stream(stream, framework, device_id)
+    arrays = dict(named)
+    foreign = []
+    with cupy.cuda.Device(device_id), ctx_stream:
+        for name in present:
+            x = named[name]
+            if not isinstance(x, cupy.ndarray):
+                arrays[name] = cupy.from_dlpack(x)
+                foreign.append(x)
+    return arrays, Ctx(framework, device_id, ctx_stream, tuple(foreign))

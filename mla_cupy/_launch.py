@@ -1,0 +1,56 @@
+"""Launchers: grid, block, shared memory and stream for each kernel; nothing else.
+
+Arguments arrive validated (``_validate``) and packed (``_params``); modules come from
+``_compile.get_module``. Every launch goes to the stream given, never to an implicit one.
+"""
+
+import functools
+
+from . import _compile
+from .support import SCHED_BLOCK_TOKENS, SCHED_FIXED_OVERHEAD_BLOCKS
+
+COMBINE_ROWS_PER_CTA = 8  # one warp per packed query row, kernels/combine.cuh
+
+
+@functools.cache
+def device_info(device_id):
+    """(compute capability as int e.g. 90, SM count, opt-in shared memory per block in bytes)."""
+    import cupy
+
+    dev = cupy.cuda.Device(device_id)
+    attrs = dev.attributes
+    return int(dev.compute_capability), attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerBlockOptin"]
+
+
+_smem_set = set()
+
+
+def _kernel(device_id, variant, expr, smem_bytes=0):
+    fn = _compile.get_module(device_id, variant).get_function(expr)
+    key = (device_id, variant.name, expr, smem_bytes)
+    if smem_bytes > 48 * 1024 and key not in _smem_set:
+        fn.max_dynamic_shared_size_bytes = smem_bytes
+        _smem_set.add(key)
+    return fn
+
+
+def launch_metadata(device_id, stream, params, num_sm_parts):
+    """One warp builds the tile-scheduler metadata on the GPU."""
+    variant = _compile.metadata_variant()
+    fn = _kernel(device_id, variant, variant.name_expressions[0])
+    with stream:
+        fn((1,), (32,), (params,))
+
+
+
+def launch_decode(device_id, stream, variant, cfg, params, num_m_blocks, h_kv, num_sm_parts):
+    fn = _kernel(device_id, variant, variant.name_expressions[0], cfg.smem_bytes)
+    with stream:
+        fn((num_m_blocks, h_kv, num_sm_parts), (cfg.threads,), (params,), shared_mem=cfg.smem_bytes)
+
+
+def launch_combine(device_id, stream, variant, params, batch, h_kv, m):
+    fn = _kernel(device_id, variant, variant.name_expressions[1])
+    grid = (batch, h_kv, (m + COMBINE_ROWS_PER_CTA - 1) // COMBINE_ROWS_PER_CTA)
+    with stream:
+        fn(grid, (32 * COMBINE_ROWS_PER_CTA,), (params,))

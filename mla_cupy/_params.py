@@ -1,0 +1,99 @@
+"""NumPy structured dtypes mirroring the C parameter structs of kernels/params.cuh.
+
+Each kernel takes one struct by value. The dtypes below are built with ``align=True`` so they
+follow the C layout rules; ``static_asserts()`` renders a check of every offset and of the size,
+which ``_compile`` places into each translation unit, so a drift between the two sides fails
+the compile instead of corrupting a launch. NVRTC has no ``offsetof``, so offsets are checked
+by ``offset_probe_source()``: a kernel whose PTX stores each field's offset as an immediate,
+read back by the compile test lane.
+"""
+
+import numpy as np
+
+_PTR = np.uint64
+_I64 = np.int64
+_I32 = np.int32
+_F32 = np.float32
+
+DECODE_PARAMS = np.dtype(
+    [
+        ("q", _PTR), ("kv", _PTR), ("block_table", _PTR), ("seqlens", _PTR),
+        ("sched", _PTR), ("num_splits", _PTR), ("out", _PTR), ("lse", _PTR),
+        ("o_accum", _PTR), ("lse_accum", _PTR),
+        ("q_stride_b", _I64), ("q_stride_s", _I64), ("q_stride_h", _I64),
+        ("kv_stride_block", _I64), ("kv_stride_tok", _I64), ("kv_stride_head", _I64),
+        ("bt_stride_b", _I64),
+        ("o_stride_b", _I64), ("o_stride_s", _I64), ("o_stride_h", _I64),
+        ("lse_stride_b", _I64), ("lse_stride_h", _I64), ("lse_stride_s", _I64),
+        ("batch", _I32), ("s_q", _I32), ("h_q", _I32), ("h_kv", _I32),
+        ("ngroups", _I32), ("m", _I32), ("page_size", _I32), ("causal", _I32),
+        ("scale_log2", _F32), ("pad0", _I32),
+    ],
+    align=True,
+)
+
+COMBINE_PARAMS = np.dtype(
+    [
+        ("num_splits", _PTR), ("o_accum", _PTR), ("lse_accum", _PTR), ("out", _PTR), ("lse", _PTR),
+        ("o_stride_b", _I64), ("o_stride_s", _I64), ("o_stride_h", _I64),
+        ("lse_stride_b", _I64), ("lse_stride_h", _I64), ("lse_stride_s", _I64),
+        ("batch", _I32), ("h_kv", _I32), ("ngroups", _I32), ("m", _I32),
+    ],
+    align=True,
+)
+
+METADATA_PARAMS = np.dtype(
+    [
+        ("seqlens", _PTR), ("sched", _PTR), ("num_splits", _PTR),
+        ("batch", _I32), ("num_sm_parts", _I32), ("block_tokens", _I32), ("fixed_overhead", _I32),
+    ],
+    align=True,
+)
+
+STRUCTS = {"DecodeParams": DECODE_PARAMS, "CombineParams": COMBINE_PARAMS, "MetadataParams": METADATA_PARAMS}
+
+
+def static_asserts():
+    """C++ source asserting that every struct in STRUCTS has its NumPy dtype's size."""
+    lines = ["namespace mla {"]
+    for name, dt in STRUCTS.items():
+        lines.append(f'static_assert(sizeof({name}) == {dt.itemsize}, "{name}: size differs from _params.py");')
+    lines.append("}  // namespace mla")
+    return "\n".join(lines) + "\n"
+
+
+def offset_probe_source():
+    """A kernel storing offset(field) into out[k] for every field of every struct, in order.
+
+    Compiled to PTX, each store's value is a literal; the compile lane compares them with the
+    dtype offsets.
+    """
+    lines = ["namespace mla {", 'extern "C" __global__ void params_offset_probe(int* out) {']
+    k = 0
+    for name, dt in STRUCTS.items():
+        lines.append(f"  {{ const {name}* s = nullptr;")
+        for field in dt.names:
+            lines.append(f"    out[{k}] = int(reinterpret_cast<const char*>(&s->{field}) - reinterpret_cast<const char*>(s));")
+            k += 1
+        lines.append("  }")
+    lines += ["}", "}  // namespace mla"]
+    return "\n".join(lines) + "\n"
+
+
+def expected_offsets():
+    """[(struct, field, offset)] in the order offset_probe_source() stores them."""
+    return [(name, f, dt.fields[f][1]) for name, dt in STRUCTS.items() for f in dt.names]
+
+
+def pack(dtype, **values):
+    """One parameter block as a NumPy void scalar (passed by value to a CuPy kernel call).
+
+    Every field must be given (pad fields default to zero), so a forgotten field is an error.
+    """
+    rec = np.zeros((), dtype=dtype)
+    missing = [f for f in dtype.names if f not in values and not f.startswith("pad")]
+    if missing:
+        raise ValueError(f"parameter block {dtype}: fields not set: {missing}")
+    for key, value in values.items():
+        rec[key] = value
+    return rec.reshape(1).view(np.dtype((np.void, dtype.itemsize)))[0]

@@ -1,0 +1,943 @@
+"""Decode benchmark: ``python -m mla_cupy.bench [--quick] [--json PATH] [--iters N] [--peer PATH]``.
+
+Times ``flash_mla_with_kvcache`` over the standard sweep (b = 128 at 4K tokens, uniform and
+variable lengths, s_q 1 and 2, h_q 16 to 128; b = 1 and 8 at 64K; b = 1 at 1M tokens; h_kv 1,
+d 576, dv 512, causal, 64-token pages) and reports each configuration against two ceilings
+measured in the same run: the read bandwidth of a plain streaming kernel and the rate of a large
+bf16 matrix product. When DeepSeek's FlashMLA can be loaded beside mla_cupy (``--peer``), it is
+timed on the very same arrays, alternating with mla_cupy, and its output compared with ours.
+
+Method
+------
+* Work per call (FlashMLA's own accounting; the causal mask's savings are ignored)::
+
+      FLOPs = sum_i s_q * h_q * seqlen_i * 2 * (d + dv)
+      bytes = sum_i seqlen_i * h_kv * d * 2  +  q bytes  +  out bytes
+
+* Timing: CUDA events around every call, median of ``--iters`` calls after a warm-up. A short
+  spin kernel is queued first so that the host enqueues all timed calls before the GPU reaches
+  them: the events then measure GPU time, not Python's launch rate. The host's own cost per call
+  is measured separately as the wall time of the Python call (no synchronisation), median.
+* Every call reads a different input set (KV cache, block table, q) from a cycle holding at
+  least 1 GiB of distinct KV, so that the L2 cache cannot serve it.
+* ``get_mla_metadata`` runs once per configuration, outside the timed region, as in a decode
+  step that reuses it across layers; its own GPU and host times are reported beside.
+
+Only the standard library and NumPy are imported at module level: the sweep, the formulas and
+the formatting are plain functions that run (and are tested) without a GPU. CuPy is imported
+when the benchmark runs; PyTorch only when the FlashMLA peer is used.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+GIB = 1 << 30
+
+# Standard problem (DeepSeek V3 MLA decode).
+HEAD_DIM = 576
+HEAD_DIM_V = 512
+PAGE_BLOCK_SIZE = 64
+ELEMENT_BYTES = 2  # bf16
+DATA_STD = 0.1
+VARLEN_SEED = 0
+VARLEN_STD = 1024
+
+# Distinct KV bytes that one timing cycle reads, at least (the H200's L2 is 60 MB).
+MIN_DISTINCT_KV_BYTES = GIB
+MAX_INPUT_SETS = 64
+
+DEFAULT_ITERS = 50
+QUICK_ITERS = 30
+DEFAULT_PEER_PATH = os.path.join(".peers", "flashmla")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep definition (pure)
+# ---------------------------------------------------------------------------------------------
+
+def tokens_label(n):
+    """Short token count: 4096 -> '4K', 65536 -> '64K', 1048576 -> '1M', 1000 -> '1000'."""
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1 << 10 and n % (1 << 10) == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One decode problem: b sequences of about ``seqlen`` cached tokens, s_q new tokens each."""
+
+    b: int
+    s_q: int
+    h_q: int
+    seqlen: int
+    varlen: bool = False
+    seqlen_std: int = VARLEN_STD
+    seed: int = VARLEN_SEED
+    h_kv: int = 1
+    d: int = HEAD_DIM
+    dv: int = HEAD_DIM_V
+    page: int = PAGE_BLOCK_SIZE
+    causal: bool = True
+
+    @property
+    def name(self):
+        parts = [f"b{self.b}", f"s_q{self.s_q}", f"h{self.h_q}"]
+        if self.varlen:
+            parts.append("varlen")
+        if self.seqlen != 4096:
+            parts.append(tokens_label(self.seqlen))
+        return " ".join(parts)
+
+    @property
+    def kv_key(self):
+        """Configurations with equal keys share KV caches, block tables and cache_seqlens."""
+        return (self.b, self.seqlen, self.varlen, self.seqlen_std, self.seed,
+                self.h_kv, self.d, self.page)
+
+    def seqlens(self):
+        """cache_seqlens as an int32 NumPy array; varlen draws N(seqlen, std) with a fixed seed."""
+        if not self.varlen:
+            return np.full(self.b, self.seqlen, dtype=np.int32)
+        rng = np.random.default_rng(self.seed)
+        draws = rng.normal(self.seqlen, self.seqlen_std, self.b)
+        return np.maximum(np.rint(draws), 1).astype(np.int32)
+
+
+def standard_sweep():
+    """The standard sweep of the design notes, grouped so that configs sharing KV are adjacent."""
+    configs = []
+    for varlen in (False, True):
+        for s_q in (1, 2):
+            for h_q in (16, 32, 64, 128):
+                configs.append(BenchConfig(b=128, s_q=s_q, h_q=h_q, seqlen=4096, varlen=varlen))
+    configs.append(BenchConfig(b=1, s_q=1, h_q=128, seqlen=64 << 10))
+    configs.append(BenchConfig(b=8, s_q=1, h_q=128, seqlen=64 << 10))
+    configs.append(BenchConfig(b=1, s_q=1, h_q=128, seqlen=1 << 20))
+    return configs
+
+
+def quick_sweep():
+    """A handful of configurations for a fast check."""
+    return [
+        BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096),
+        BenchConfig(b=128, s_q=2, h_q=128, seqlen=4096),
+        BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096, varlen=True),
+        BenchConfig(b=1, s_q=1, h_q=128, seqlen=64 << 10),
+    ]
+
+
+def group_by_kv(configs):
+    """Split into runs of consecutive configs with the same kv_key: [(key, [configs])]."""
+    groups = []
+    for cfg in configs:
+        if groups and groups[-1][0] == cfg.kv_key:
+            groups[-1][1].append(cfg)
+        else:
+            groups.append((cfg.kv_key, [cfg]))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Work per call and input layout (pure)
+# ---------------------------------------------------------------------------------------------
+
+def _total_tokens(seqlens):
+    return int(np.sum(np.asarray(seqlens, dtype=np.int64)))
+
+
+def decode_flops(seqlens, s_q, h_q, d, dv):
+    """Floating-point operations of one decode call: sum_i s_q*h_q*seqlen_i*2*(d+dv)."""
+    return s_q * h_q * _total_tokens(seqlens) * 2 * (d + dv)
+
+
+def decode_bytes(seqlens, s_q, h_q, d, dv, h_kv=1, element_bytes=ELEMENT_BYTES):
+    """Fewest bytes one decode call moves: each KV row, q and out once."""
+    b = len(seqlens)
+    kv = _total_tokens(seqlens) * h_kv * d * element_bytes
+    q = b * s_q * h_q * d * element_bytes
+    out = b * s_q * h_q * dv * element_bytes
+    return kv + q + out
+
+
+def config_work(cfg):
+    """(flops, bytes) of one call of a BenchConfig."""
+    lens = cfg.seqlens()
+    return (decode_flops(lens, cfg.s_q, cfg.h_q, cfg.d, cfg.dv),
+            decode_bytes(lens, cfg.s_q, cfg.h_q, cfg.d, cfg.dv, cfg.h_kv))
+
+
+def pages_per_seq(seqlens, page):
+    """Pages each sequence occupies: ceil(seqlen / page)."""
+    lens = np.asarray(seqlens, dtype=np.int64)
+    return (lens + page - 1) // page
+
+
+def kv_read_bytes(seqlens, h_kv, d, element_bytes=ELEMENT_BYTES):
+    """KV bytes one call reads (the part of decode_bytes that is cache)."""
+    return _total_tokens(seqlens) * h_kv * d * element_bytes
+
+
+def input_sets_needed(kv_bytes_per_set, min_distinct=MIN_DISTINCT_KV_BYTES,
+                      max_sets=MAX_INPUT_SETS):
+    """How many distinct input sets to cycle so that at least ``min_distinct`` KV bytes are read."""
+    if kv_bytes_per_set <= 0:
+        return 1
+    return int(min(max(1, math.ceil(min_distinct / kv_bytes_per_set)), max_sets))
+
+
+def build_block_table(seqlens, page, rng):
+    """A block table over a pool of exactly the pages needed, in random physical order.
+
+    Returns (block_table int32 [b, max_pages], num_blocks). Entries past a sequence's last page
+    are never read by a correct kernel; they hold page 0 so that a wrong read stays in bounds.
+    """
+    n_pages = pages_per_seq(seqlens, page)
+    b = len(n_pages)
+    num_blocks = int(n_pages.sum())
+    max_pages = max(int(n_pages.max()) if b else 0, 1)
+    table = np.zeros((b, max_pages), dtype=np.int32)
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    start = 0
+    for i, n in enumerate(n_pages.tolist()):
+        table[i, :n] = perm[start:start + n]
+        start += n
+    return table, max(num_blocks, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results, table and JSON lines (pure)
+# ---------------------------------------------------------------------------------------------
+
+RESULT_KEYS = (
+    "kind", "config", "b", "s_q", "h_q", "h_kv", "d", "dv", "page", "causal", "seqlen",
+    "varlen", "total_tokens", "flops", "bytes", "input_sets", "distinct_kv_bytes", "iters",
+    "us", "us_min", "us_max", "tbps", "tflops", "pct_bw_roof", "pct_mma_roof", "host_us",
+    "meta_us", "meta_host_us", "queue_ahead",
+    "peer_us", "peer_tbps", "peer_tflops", "peer_host_us", "peer_queue_ahead", "speed_ratio",
+    "max_abs_diff_out", "max_abs_diff_lse", "error", "peer_error",
+)
+
+HEADER_KEYS = (
+    "kind", "schema", "gpu", "sm_count", "l2_bytes", "driver", "cuda_driver_api",
+    "cuda_runtime", "cupy", "nvrtc", "mla_cupy", "date", "bw_roof_tbps", "bw_roof_method",
+    "mma_roof_tflops", "mma_roof_dtype", "peer", "iters", "quick", "min_distinct_kv_bytes",
+)
+
+
+def derive_rates(flops, nbytes, us, bw_roof_tbps=None, mma_roof_tflops=None):
+    """(TB/s, TFLOP/s, %BW-roof, %MMA-roof) for a call taking ``us`` microseconds."""
+    if us is None or not us > 0:
+        return None, None, None, None
+    tbps = nbytes / (us * 1e-6) / 1e12
+    tflops = flops / (us * 1e-6) / 1e12
+    pct_bw = 100.0 * tbps / bw_roof_tbps if bw_roof_tbps else None
+    pct_mma = 100.0 * tflops / mma_roof_tflops if mma_roof_tflops else None
+    return tbps, tflops, pct_bw, pct_mma
+
+
+def make_result(cfg, ours=None, peer=None, meta=None, *, iters=None, input_sets=None,
+                distinct_kv_bytes=None, bw_roof_tbps=None, mma_roof_tflops=None,
+                diffs=(None, None), error=None, peer_error=None):
+    """One result record (all RESULT_KEYS present; missing measurements are None).
+
+    ``ours``/``peer`` are timing dicts from ``summarize_times`` (keys us, us_min, us_max,
+    host_us, queue_ahead); ``meta`` likewise for get_mla_metadata.
+    """
+    flops, nbytes = config_work(cfg)
+    ours = ours or {}
+    peer = peer or {}
+    meta = meta or {}
+    tbps, tflops, pct_bw, pct_mma = derive_rates(flops, nbytes, ours.get("us"),
+                                                 bw_roof_tbps, mma_roof_tflops)
+    p_tbps, p_tflops, _, _ = derive_rates(flops, nbytes, peer.get("us"))
+    ratio = None
+    if ours.get("us") and peer.get("us"):
+        ratio = peer["us"] / ours["us"]
+    rec = {
+        "kind": "result", "config": cfg.name, "b": cfg.b, "s_q": cfg.s_q, "h_q": cfg.h_q,
+        "h_kv": cfg.h_kv, "d": cfg.d, "dv": cfg.dv, "page": cfg.page, "causal": cfg.causal,
+        "seqlen": cfg.seqlen, "varlen": cfg.varlen, "total_tokens": _total_tokens(cfg.seqlens()),
+        "flops": flops, "bytes": nbytes, "input_sets": input_sets,
+        "distinct_kv_bytes": distinct_kv_bytes, "iters": iters,
+        "us": ours.get("us"), "us_min": ours.get("us_min"), "us_max": ours.get("us_max"),
+        "tbps": tbps, "tflops": tflops, "pct_bw_roof": pct_bw, "pct_mma_roof": pct_mma,
+        "host_us": ours.get("host_us"), "meta_us": meta.get("us"),
+        "meta_host_us": meta.get("host_us"), "queue_ahead": ours.get("queue_ahead"),
+        "peer_us": peer.get("us"), "peer_tbps": p_tbps, "peer_tflops": p_tflops,
+        "peer_host_us": peer.get("host_us"), "peer_queue_ahead": peer.get("queue_ahead"),
+        "speed_ratio": ratio, "max_abs_diff_out": diffs[0], "max_abs_diff_lse": diffs[1],
+        "error": error, "peer_error": peer_error,
+    }
+    return rec
+
+
+def summarize_times(gpu_us, host_us, queue_ahead=None):
+    """Median/min/max of per-call GPU microseconds and the median host microseconds."""
+    return {
+        "us": statistics.median(gpu_us) if gpu_us else None,
+        "us_min": min(gpu_us) if gpu_us else None,
+        "us_max": max(gpu_us) if gpu_us else None,
+        "host_us": statistics.median(host_us) if host_us else None,
+        "queue_ahead": queue_ahead,
+    }
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return _json_safe(float(value))
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    return value
+
+
+def json_line(record):
+    """One JSON line (no trailing newline); NaN/inf become null so every line is strict JSON."""
+    clean = {k: _json_safe(v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False, sort_keys=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    fmt: str
+    width: int
+
+
+def table_columns(config_width=6):
+    """The table's columns; every cell of a column is padded to the column's width."""
+    def col(key, title, fmt, width=8):
+        return Column(key, title, fmt, max(width, len(title)))
+    return [
+        col("config", "config", "s", max(config_width, len("config"))),
+        col("us", "µs", ".1f"),
+        col("tbps", "TB/s", ".2f", 6),
+        col("tflops", "TFLOP/s", ".1f"),
+        col("pct_bw_roof", "%BW-roof", ".1f"),
+        col("pct_mma_roof", "%MMA-roof", ".1f"),
+        col("peer_us", "FlashMLA µs", ".1f"),
+        col("speed_ratio", "ours/FlashMLA", ".3f"),
+        col("host_us", "host µs/call", ".1f"),
+        col("meta_us", "meta µs", ".1f"),
+        col("max_abs_diff_out", "max|Δout|", ".1e"),
+    ]
+
+
+def format_cell(value, column):
+    if column.key == "config":
+        return f"{value:<{column.width}}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        text = "-"
+    else:
+        text = format(value, column.fmt)
+    return f"{text:>{column.width}}"
+
+
+COLUMN_SEP = "  "
+
+
+def format_header(columns):
+    """Two lines: the titles and a rule of the same width."""
+    titles = COLUMN_SEP.join(
+        f"{c.title:<{c.width}}" if c.key == "config" else f"{c.title:>{c.width}}"
+        for c in columns)
+    return [titles, "-" * len(titles)]
+
+
+def format_row(record, columns):
+    """One aligned table line; errors and notes follow the last column."""
+    line = COLUMN_SEP.join(format_cell(record.get(c.key), c) for c in columns)
+    notes = []
+    if record.get("error"):
+        notes.append(f"ERROR: {record['error']}")
+    if record.get("peer_error"):
+        notes.append(f"FlashMLA: {record['peer_error']}")
+    if record.get("queue_ahead") is False or record.get("peer_queue_ahead") is False:
+        notes.append("host-bound timing")
+    if notes:
+        line += COLUMN_SEP + "; ".join(notes)
+    return line
+
+
+def format_table(records, columns=None):
+    """The whole table as a list of lines (header, rule, one line per record)."""
+    if columns is None:
+        width = max([len(r.get("config", "")) for r in records] + [6])
+        columns = table_columns(width)
+    return format_header(columns) + [format_row(r, columns) for r in records]
+
+
+def short_error(exc, limit=160):
+    """'Type: message' on one line, cut to ``limit`` characters."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def format_env(header):
+    """The environment header as 'key  value' lines."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    rows = [
+        ("gpu", f"{header.get('gpu')} ({header.get('sm_count')} SMs, "
+                f"L2 {fmt((header.get('l2_bytes') or 0) / 2**20, '.0f')} MiB)"),
+        ("driver", f"{header.get('driver')} (CUDA driver API {header.get('cuda_driver_api')})"),
+        ("cuda runtime", header.get("cuda_runtime")),
+        ("cupy", header.get("cupy")),
+        ("nvrtc", header.get("nvrtc")),
+        ("mla_cupy", header.get("mla_cupy")),
+        ("date", header.get("date")),
+        ("read BW roof", f"{fmt(header.get('bw_roof_tbps'), '.2f')} TB/s "
+                         f"({header.get('bw_roof_method')})"),
+        ("MMA roof", f"{fmt(header.get('mma_roof_tflops'), '.0f')} TFLOP/s "
+                     f"(cupy.matmul {header.get('mma_roof_dtype')} 8192^3)"),
+        ("FlashMLA peer", header.get("peer")),
+        ("method", f"median of {header.get('iters')} calls (twice that, alternating, beside "
+                   f"FlashMLA), CUDA events, queue filled ahead; "
+                   f">= {fmt((header.get('min_distinct_kv_bytes') or 0) / GIB, '.0f')} GiB "
+                   f"distinct KV cycled; metadata outside the timed call"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return ["mla_cupy decode benchmark"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+
+
+LEGEND = (
+    "µs: median GPU time per call; TB/s and TFLOP/s from the bytes and FLOPs of the method;",
+    "%BW-roof / %MMA-roof: against the ceilings above; ours/FlashMLA: FlashMLA µs / our µs",
+    "(> 1 = mla_cupy faster); host µs/call: Python wall time of one call, median;",
+    "meta µs: get_mla_metadata's GPU time; max|Δout|: largest |out - FlashMLA out| on one set.",
+)
+
+
+def default_json_path(env=None):
+    """$OUT/bench.jsonl when $OUT is set, else None (table only)."""
+    env = os.environ if env is None else env
+    out = env.get("OUT")
+    return os.path.join(out, "bench.jsonl") if out else None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mla_cupy.bench",
+                                description="Time mla_cupy's MLA decode against measured "
+                                            "ceilings and, when present, FlashMLA.")
+    p.add_argument("--quick", action="store_true", help="a handful of configurations")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="write JSON lines here (default: $OUT/bench.jsonl when $OUT is set)")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"timed calls per measurement (default {DEFAULT_ITERS}, "
+                        f"--quick {QUICK_ITERS})")
+    p.add_argument("--peer", metavar="PATH", default=DEFAULT_PEER_PATH,
+                   help="folder holding FlashMLA's flash_mla_interface.py (default %(default)s)")
+    p.add_argument("--no-peer", action="store_true", help="do not load FlashMLA")
+    p.add_argument("--filter", metavar="TEXT", default=None,
+                   help="only configurations whose name contains TEXT")
+    args = p.parse_args(argv)
+    if args.iters is None:
+        args.iters = QUICK_ITERS if args.quick else DEFAULT_ITERS
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    if args.json is None:
+        args.json = default_json_path()
+    return args
+
+
+def select_configs(args):
+    configs = quick_sweep() if args.quick else standard_sweep()
+    if args.filter:
+        configs = [c for c in configs if args.filter in c.name]
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU side (CuPy imported lazily)
+# ---------------------------------------------------------------------------------------------
+
+_SPIN_SRC = r"""
+extern "C" __global__ void bench_spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"""
+
+# Streaming read: each thread loads UNROLL independent 16-byte vectors per trip of a grid-stride
+# loop and folds them into one word, written out only if it hits a value that never occurs, so
+# the loads stay live.
+_READ_BW_SRC = r"""
+template <int UNROLL>
+__global__ void bench_read(const uint4* __restrict__ src, unsigned long long n,
+                           unsigned int* __restrict__ sink) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned int acc = 0;
+    for (; i + (UNROLL - 1) * stride < n; i += UNROLL * stride) {
+        uint4 v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) v[u] = src[i + u * stride];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    for (; i < n; i += stride) {
+        uint4 v = src[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+"""
+
+
+@dataclasses.dataclass
+class _Samples:
+    gpu_us: list
+    host_us: list
+    queue_ahead: bool
+
+    def __add__(self, other):
+        return _Samples(self.gpu_us + other.gpu_us, self.host_us + other.host_us,
+                        bool(self.queue_ahead and other.queue_ahead))
+
+    def summary(self):
+        return summarize_times(self.gpu_us, self.host_us, self.queue_ahead)
+
+
+class _Timer:
+    """CUDA-event timing of many calls with the host kept ahead of the GPU."""
+
+    def __init__(self, cp, max_calls):
+        self.cp = cp
+        self.spin = cp.RawKernel(_SPIN_SRC, "bench_spin")
+        self.starts = [cp.cuda.Event() for _ in range(max_calls)]
+        self.ends = [cp.cuda.Event() for _ in range(max_calls)]
+
+    def run(self, fn, n_calls, host_us_estimate):
+        """Time ``fn(k)`` for k in range(n_calls); returns the raw _Samples."""
+        cp = self.cp
+        n_calls = min(n_calls, len(self.starts))
+        spin_ns = int(min(max(n_calls * host_us_estimate * 1.5 + 2000.0, 1000.0), 500_000.0)
+                      * 1000)
+        cp.cuda.get_current_stream().synchronize()
+        t_begin = time.perf_counter()
+        self.spin((1,), (1,), (np.uint64(spin_ns),))
+        host = []
+        for k in range(n_calls):
+            self.starts[k].record()
+            t0 = time.perf_counter_ns()
+            fn(k)
+            t1 = time.perf_counter_ns()
+            self.ends[k].record()
+            host.append((t1 - t0) / 1e3)
+        enqueue_s = time.perf_counter() - t_begin
+        self.ends[n_calls - 1].synchronize()
+        gpu = [cp.cuda.get_elapsed_time(self.starts[k], self.ends[k]) * 1e3
+               for k in range(n_calls)]
+        return _Samples(gpu, host, enqueue_s * 1e9 < spin_ns)
+
+
+def _warm(cp, fn, n_calls):
+    """Call fn(k) n_calls times, synchronise; return the median host µs of the later half."""
+    host = []
+    for k in range(n_calls):
+        t0 = time.perf_counter_ns()
+        fn(k)
+        host.append((time.perf_counter_ns() - t0) / 1e3)
+        if k == 0:
+            cp.cuda.get_current_stream().synchronize()  # first call may compile
+    cp.cuda.get_current_stream().synchronize()
+    tail = host[len(host) // 2:] or host
+    return statistics.median(tail)
+
+
+def _bf16_dtype(cp):
+    try:
+        return cp.dtype("bfloat16")
+    except TypeError:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+
+
+def _to_bf16(cp, x32):
+    """float32 CuPy array -> bfloat16 (round to nearest even)."""
+    bf16 = _bf16_dtype(cp)
+    try:
+        return x32.astype(bf16)
+    except Exception:  # no bf16 cast in this CuPy: round the bit patterns ourselves
+        u = x32.view(cp.uint32)
+        rounded = (u + cp.uint32(0x7FFF) + ((u >> 16) & cp.uint32(1))) >> 16
+        return rounded.astype(cp.uint16).view(bf16)
+
+
+def _to_f32(cp, x):
+    try:
+        return x.astype(cp.float32)
+    except Exception:
+        return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
+
+
+def _random_bf16(cp, rs, shape, std=DATA_STD):
+    x = rs.standard_normal(shape, dtype=cp.float32)
+    x *= std
+    out = _to_bf16(cp, x)
+    del x
+    return out
+
+
+def _gpu_env(cp):
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    drv_api = cp.cuda.runtime.driverGetVersion()
+    rt = cp.cuda.runtime.runtimeGetVersion()
+    driver = None
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+    except Exception:
+        try:
+            with open("/proc/driver/nvidia/version") as f:
+                for word in f.read().split():
+                    if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                        driver = word
+                        break
+        except OSError:
+            pass
+    try:
+        nvrtc = ".".join(str(v) for v in cp.cuda.nvrtc.getVersion())
+    except Exception as exc:
+        nvrtc = f"unknown ({short_error(exc, 60)})"
+    try:
+        import mla_cupy
+        version = getattr(mla_cupy, "__version__", None)
+        if version is None:
+            from mla_cupy._version import __version__ as version
+    except Exception as exc:
+        version = f"unavailable ({short_error(exc, 80)})"
+    return {
+        "gpu": name, "sm_count": props["multiProcessorCount"],
+        "l2_bytes": props.get("l2CacheSize"), "driver": driver or "unknown",
+        "cuda_driver_api": f"{drv_api // 1000}.{drv_api % 1000 // 10}",
+        "cuda_runtime": f"{rt // 1000}.{rt % 1000 // 10}", "cupy": cp.__version__,
+        "nvrtc": nvrtc, "mla_cupy": version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def measure_read_bw(cp, timer, sm_count, nbytes=4 * GIB, iters=10):
+    """Best streaming-read bandwidth (TB/s) over a few unroll depths and grid sizes."""
+    mod = cp.RawModule(code=_READ_BW_SRC, options=("-std=c++17",),
+                       name_expressions=["bench_read<4>", "bench_read<8>"])
+    buf = cp.empty(nbytes // 16 * 16, dtype=cp.uint8)
+    buf.fill(0x3C)
+    sink = cp.zeros(1, dtype=cp.uint32)
+    n = np.uint64(buf.nbytes // 16)
+    best, best_how = 0.0, ""
+    try:
+        for unroll in (4, 8):
+            kern = mod.get_function(f"bench_read<{unroll}>")
+            for blocks_per_sm, threads in ((4, 512), (8, 256), (16, 256)):
+                grid = (sm_count * blocks_per_sm,)
+                def call(_k, kern=kern, grid=grid, threads=threads):
+                    kern(grid, (threads,), (buf, n, sink))
+                _warm(cp, call, 2)
+                us = timer.run(call, iters, 10.0).summary()["us"]
+                tbps = buf.nbytes / (us * 1e-6) / 1e12
+                if tbps > best:
+                    best = tbps
+                    best_how = (f"{buf.nbytes / GIB:.0f} GiB read, 16 B loads, {unroll} in "
+                                f"flight, {grid[0]}x{threads}")
+    finally:
+        del buf, sink
+        cp.get_default_memory_pool().free_all_blocks()
+    return best, best_how
+
+
+def measure_mma(cp, timer, n=8192, iters=10):
+    """cupy.matmul rate (TFLOP/s) on random n^3 bf16 (fp16 if bf16 fails); returns (rate, dtype)."""
+    rs = cp.random.RandomState(7)
+    result = (None, "unavailable")
+    for dtype_name in ("bfloat16", "float16"):
+        try:
+            if dtype_name == "bfloat16":
+                a = _random_bf16(cp, rs, (n, n), 1.0)
+                b = _random_bf16(cp, rs, (n, n), 1.0)
+            else:
+                a = rs.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
+                b = rs.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
+            c = cp.empty((n, n), dtype=a.dtype)
+
+            def call(_k):
+                cp.matmul(a, b, out=c)
+            _warm(cp, call, 3)
+            us = timer.run(call, iters, 20.0).summary()["us"]
+            result = (2.0 * n ** 3 / (us * 1e-6) / 1e12, dtype_name)
+            break
+        except Exception as exc:
+            result = (None, f"{dtype_name} failed: {short_error(exc, 80)}")
+        finally:
+            a = b = c = None
+            cp.get_default_memory_pool().free_all_blocks()
+    return result
+
+
+class _Peer:
+    """DeepSeek's FlashMLA (a torch extension), called on torch views of our CuPy arrays."""
+
+    def __init__(self, path, cp):
+        import torch  # only here: the peer needs it
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no GPU")
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        import flash_mla_interface as fm
+        self.torch, self.fm, self.cp = torch, fm, cp
+        # Run FlashMLA on CuPy's current stream so that our events bracket its kernels.
+        self.stream = torch.cuda.ExternalStream(cp.cuda.get_current_stream().ptr)
+        torch.cuda.set_stream(self.stream)
+        self.version = getattr(torch, "__version__", "?")
+
+    def tensor(self, arr):
+        torch = self.torch
+        try:
+            return torch.from_dlpack(arr)
+        except Exception:
+            if arr.dtype.itemsize == 2 and arr.dtype.kind not in "iuf":
+                return torch.from_dlpack(arr.view(self.cp.int16)).view(torch.bfloat16)
+            raise
+
+    def new_sched(self):
+        sched, _ = self.fm.get_mla_metadata()
+        return sched
+
+    def call(self, q, k_cache, block_table, cache_seqlens, dv, sched, scale, causal):
+        return self.fm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, sched,
+                                              None, softmax_scale=scale, causal=causal)
+
+    def release(self):
+        self.torch.cuda.synchronize()
+        self.torch.cuda.empty_cache()
+
+
+def _load_peer(path, cp):
+    """(_Peer or None, description)."""
+    if not path or not os.path.isdir(path):
+        return None, "not found (run the FlashMLA peer script, or pass --peer)"
+    if not os.path.isfile(os.path.join(path, "flash_mla_interface.py")):
+        return None, "no flash_mla_interface.py in the peer folder"
+    try:
+        peer = _Peer(path, cp)
+    except Exception as exc:
+        return None, f"not loaded: {short_error(exc, 120)}"
+    return peer, f"FlashMLA (torch {peer.version}), same inputs, alternating with ours"
+
+
+def _make_kv_sets(cp, cfg, n_sets, seed):
+    """n_sets (k_cache, block_table) pairs plus the shared cache_seqlens, all on the GPU."""
+    lens = cfg.seqlens()
+    rng = np.random.default_rng(seed)
+    rs = cp.random.RandomState(seed)
+    sets = []
+    for _ in range(n_sets):
+        table, num_blocks = build_block_table(lens, cfg.page, rng)
+        k_cache = _random_bf16(cp, rs, (num_blocks, cfg.page, cfg.h_kv, cfg.d))
+        sets.append((k_cache, cp.asarray(table)))
+    return cp.asarray(lens), sets
+
+
+def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peer):
+    cache_seqlens, kv_sets = kv
+    n_sets = len(kv_sets)
+    iters = args.iters
+    scale = cfg.d ** -0.5
+    lens = cfg.seqlens()
+    distinct = n_sets * kv_read_bytes(lens, cfg.h_kv, cfg.d)
+    common = dict(iters=iters, input_sets=n_sets, distinct_kv_bytes=distinct,
+                  bw_roof_tbps=roofs[0], mma_roof_tflops=roofs[1])
+    rs = cp.random.RandomState(1000 + cfg.s_q * 1000 + cfg.h_q)
+    qs = [_random_bf16(cp, rs, (cfg.b, cfg.s_q, cfg.h_q, cfg.d)) for _ in range(n_sets)]
+    n_warm = max(n_sets, 3)
+    n_timed = max(iters, 1)
+
+    ours = meta = None
+    error = None
+    ours_out = None
+    if ours_api is None:
+        error = ours_api_error
+    else:
+        try:
+            get_meta, decode = ours_api
+            q_per_k = cfg.s_q * cfg.h_q // cfg.h_kv
+
+            def meta_call(_k):
+                return get_meta(cache_seqlens, q_per_k, cfg.h_kv)
+            sched, splits = meta_call(0)
+
+            def ours_call(k):
+                j = k % n_sets
+                k_cache, table = kv_sets[j]
+                return decode(qs[j], k_cache, table, cache_seqlens, cfg.dv, sched, splits,
+                              softmax_scale=scale, causal=cfg.causal)
+            ours_host_est = _warm(cp, ours_call, n_warm)
+            ours = timer.run(ours_call, n_timed, ours_host_est)
+            ours_out = ours_call(0)
+            meta_est = _warm(cp, meta_call, 3)
+            meta = timer.run(meta_call, n_timed, meta_est).summary()
+        except Exception as exc:
+            error = short_error(exc)
+
+    peer_t = None
+    peer_error = None
+    diffs = (None, None)
+    if peer is not None:
+        try:
+            t_seqlens = peer.tensor(cache_seqlens)
+            t_sets = [(peer.tensor(qs[j]), peer.tensor(kv_sets[j][0]), peer.tensor(kv_sets[j][1]),
+                       peer.new_sched()) for j in range(n_sets)]
+
+            def peer_call(k):
+                tq, tk, tt, sched = t_sets[k % n_sets]
+                return peer.call(tq, tk, tt, t_seqlens, cfg.dv, sched, scale, cfg.causal)
+            host_est = _warm(cp, peer_call, n_warm)
+            peer_t = timer.run(peer_call, n_timed, host_est)
+            if ours is not None:  # alternate once more (ours, FlashMLA, ours, FlashMLA), pool
+                ours = ours + timer.run(ours_call, n_timed, ours_host_est)
+                peer_t = peer_t + timer.run(peer_call, n_timed, host_est)
+            if ours_out is not None:
+                p_out, p_lse = peer_call(0)
+                cp.cuda.get_current_stream().synchronize()
+                o_out, o_lse = ours_out
+                d_out = float(cp.max(cp.abs(_to_f32(cp, cp.asarray(o_out))
+                                            - _to_f32(cp, cp.from_dlpack(p_out)))))
+                d_lse = float(cp.max(cp.abs(cp.asarray(o_lse, dtype=cp.float32)
+                                            - cp.from_dlpack(p_lse).astype(cp.float32))))
+                diffs = (d_out, d_lse)
+                del p_out, p_lse
+            del t_sets, t_seqlens
+        except Exception as exc:
+            peer_error = short_error(exc)
+    del qs, ours_out
+    ours = ours.summary() if ours is not None else None
+    peer_t = peer_t.summary() if peer_t is not None else None
+    return make_result(cfg, ours, peer_t, meta, diffs=diffs, error=error,
+                       peer_error=peer_error, **common)
+
+
+def run(args, emit=print):
+    """Run the benchmark described by parsed ``args``; returns (header, records)."""
+    import cupy as cp
+
+    json_file = None
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        json_file = open(args.json, "w")
+
+    def write_json(rec):
+        if json_file is not None:
+            json_file.write(json_line(rec) + "\n")
+            json_file.flush()
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    stream.use()
+    configs = select_configs(args)
+    env = _gpu_env(cp)
+    timer = _Timer(cp, max(args.iters, 16))
+
+    try:
+        bw, bw_how = measure_read_bw(cp, timer, env["sm_count"])
+    except Exception as exc:
+        bw, bw_how = None, f"failed: {short_error(exc, 100)}"
+    mma, mma_dtype = measure_mma(cp, timer)
+
+    peer, peer_desc = (None, "disabled (--no-peer)") if args.no_peer else \
+        _load_peer(args.peer, cp)
+
+    try:
+        import mla_cupy
+        ours_api = (mla_cupy.get_mla_metadata, mla_cupy.flash_mla_with_kvcache)
+        ours_api_error = None
+    except Exception as exc:
+        ours_api, ours_api_error = None, short_error(exc)
+
+    header = dict(env, kind="header", schema=SCHEMA_VERSION, bw_roof_tbps=bw,
+                  bw_roof_method=bw_how, mma_roof_tflops=mma, mma_roof_dtype=mma_dtype,
+                  peer=peer_desc, iters=args.iters, quick=bool(args.quick),
+                  min_distinct_kv_bytes=MIN_DISTINCT_KV_BYTES)
+    header = {k: header.get(k) for k in HEADER_KEYS}
+    write_json(header)
+    for line in format_env(header):
+        emit(line)
+    emit("")
+    columns = table_columns(max([len(c.name) for c in configs] + [6]))
+    for line in format_header(columns):
+        emit(line)
+
+    records = []
+    for _key, group in group_by_kv(configs):
+        kv = None
+        try:
+            lens = group[0].seqlens()
+            n_sets = input_sets_needed(kv_read_bytes(lens, group[0].h_kv, group[0].d))
+            kv = _make_kv_sets(cp, group[0], n_sets, seed=len(records) + 17)
+            kv_error = None
+        except Exception as exc:
+            kv_error = short_error(exc)
+        for cfg in group:
+            if kv is None:
+                rec = make_result(cfg, error=f"inputs: {kv_error}", iters=args.iters)
+            else:
+                try:
+                    rec = _run_config(cp, cfg, kv, timer, args, (bw, mma), ours_api,
+                                      ours_api_error, peer)
+                except Exception as exc:
+                    rec = make_result(cfg, error=short_error(exc), iters=args.iters)
+            records.append(rec)
+            write_json(rec)
+            emit(format_row(rec, columns))
+        kv = None
+        try:
+            if peer is not None:
+                peer.release()
+            cp.get_default_memory_pool().free_all_blocks()
+        except Exception:
+            pass
+
+    emit("")
+    for line in LEGEND:
+        emit(line)
+    if json_file is not None:
+        json_file.close()
+        emit(f"JSON lines: {args.json}")
+    return header, records
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:  # the table uses 'µ' and 'Δ'; never die on a terminal that cannot show them
+        sys.stdout.reconfigure(errors="replace")
+    except (AttributeError, ValueError):
+        pass
+    run(args, emit=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

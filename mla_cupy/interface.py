@@ -1,0 +1,292 @@
+"""Public entry points, a drop-in for FlashMLA's ``flash_mla_interface``.
+
+Each call: import the caller's arrays (``_interop``), check every argument (``_validate``),
+pack the parameter block (``_params``) and launch (``_launch``) on the call's stream. No host
+sync on the decode path unless ``validate=True``: a decode step can be captured in a CUDA graph.
+"""
+
+import logging
+import time
+
+import numpy as np
+
+from . import _compile, _launch, _params, _validate
+from ._errors import UnsupportedDeviceError
+from .scheduler import num_sm_parts as _num_sm_parts
+from .support import (DTYPES, HEAD_DIMS, MIN_COMPUTE_CAPABILITY, SCHED_BLOCK_TOKENS,
+                      SCHED_FIXED_OVERHEAD_BLOCKS, SCHED_METADATA_SIZE)
+
+logger = logging.getLogger("mla_cupy")
+
+_LOG2E = 1.4426950408889634
+
+
+def _check_device(device_id):
+    cc, sms, smem = _launch.device_info(device_id)
+    need = MIN_COMPUTE_CAPABILITY[0] * 10 + MIN_COMPUTE_CAPABILITY[1]
+    if cc < need:
+        raise UnsupportedDeviceError(
+            f"device {device_id}: compute capability {cc // 10}.{cc % 10} is older than the "
+            f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} mla_cupy needs")
+    return cc, sms, smem
+
+
+def _decode_config(device_id, head_dim, m):
+    _, _, smem = _launch.device_info(device_id)
+    cfg = _compile.decode_config(head_dim, m, smem)
+    if cfg is None:
+        raise UnsupportedDeviceError(
+            f"device {device_id}: {smem} bytes of shared memory per block are too few for the "
+            f"decode kernel at head_dim {head_dim}")
+    return cfg
+
+
+def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
+                     is_fp8_kvcache=False, topk=None, *, stream=None):
+    """Tile-scheduler metadata splitting a batch's KV work over the GPU's SMs.
+
+    Parameters
+    ----------
+    cache_seqlens : int32 array [batch] on the GPU
+        Tokens in the KV cache of each request.
+    num_q_tokens_per_head_k : int
+        Query rows per KV head, ``s_q * num_heads_q // num_heads_k``.
+    num_heads_k : int
+        KV heads (1 for MLA).
+    num_heads_q : int, optional
+        Query heads; only checked to be a multiple of ``num_heads_k``.
+    is_fp8_kvcache, topk
+        FlashMLA's fp8 and sparse options; not supported in this version (must stay off).
+    stream : optional, keyword-only
+        Stream to run on; default: the current stream of the inputs' framework.
+
+    Returns
+    -------
+    tile_scheduler_metadata : int32 array [num_sm_parts, 8]
+    num_splits : int32 array [batch + 1]
+        Both in the caller's array type, computed on the GPU without a host sync; reuse them
+        for every layer of a decode step with these ``cache_seqlens``.
+    """
+    arrays, ctx = _import({"cache_seqlens": cache_seqlens}, stream)
+    seqlens = arrays["cache_seqlens"]
+    _validate.check_metadata_args(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+                                  is_fp8_kvcache, topk)
+    _, sms, _ = _check_device(ctx.device_id)
+    parts = _num_sm_parts(sms, num_q_tokens_per_head_k, num_heads_k)
+    batch = seqlens.shape[0]
+    import cupy
+
+    with ctx.activate():
+        sched = cupy.empty((parts, SCHED_METADATA_SIZE), dtype=np.int32)
+        num_splits = cupy.empty((batch + 1,), dtype=np.int32)
+        params = _params.pack(
+            _params.METADATA_PARAMS, seqlens=seqlens.data.ptr, sched=sched.data.ptr,
+            num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts,
+            block_tokens=SCHED_BLOCK_TOKENS, fixed_overhead=SCHED_FIXED_OVERHEAD_BLOCKS)
+        _launch.launch_metadata(ctx.device_id, ctx.stream, params, parts)
+    return ctx.export(sched), ctx.export(num_splits)
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                           tile_scheduler_metadata, num_splits, softmax_scale=None, causal=False,
+                           is_fp8_kvcache=False, indices=None, *, out=None, lse=None, stream=None,
+                           validate=None):
+    """Multi-head latent attention decode over a paged KV cache.
+
+    Parameters
+    ----------
+    q : array [batch, s_q, h_q, head_dim], bfloat16 or float16, on the GPU
+    k_cache : array [num_blocks, page_block_size, h_kv, head_dim], same dtype
+        Paged cache of keys; the values are its first ``head_dim_v`` columns.
+    block_table : int32 array [batch, max_blocks_per_seq]
+        Entry j of a row is the cache block holding tokens [j * page, (j + 1) * page).
+    cache_seqlens : int32 array [batch]
+    head_dim_v : int
+        512 for head_dim 576 or 512, 256 for head_dim 320.
+    tile_scheduler_metadata, num_splits : arrays
+        From :func:`get_mla_metadata` on the same ``cache_seqlens``.
+    softmax_scale : float, optional
+        Default ``head_dim ** -0.5``.
+    causal : bool
+        Bottom-right aligned: query token i of s_q sees keys ``0 .. seqlen - s_q + i``.
+    is_fp8_kvcache, indices
+        FlashMLA's fp8 and sparse options; not supported in this version.
+    out, lse : arrays, optional, keyword-only
+        Buffers to write ([batch, s_q, h_q, head_dim_v] of q's dtype; float32 [batch, h_q, s_q]),
+        C-contiguous; returned as given.
+    stream : optional, keyword-only
+        Stream to run on; default: the current stream of the inputs' framework, else CuPy's.
+    validate : bool, optional, keyword-only
+        Also check device data (seqlens against the block table, block ids against the cache):
+        a host sync. Default: the ``MLA_CUPY_VALIDATE`` environment variable.
+
+    Returns
+    -------
+    out : [batch, s_q, h_q, head_dim_v], q's dtype
+    lse : float32 [batch, h_q, s_q], natural log of each row's softmax denominator; a row that
+        sees no key has out 0 and lse +inf.
+    """
+    named = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
+             "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
+             "out": out, "lse": lse}
+    arrays, ctx = _import(named, stream)
+    a = arrays
+    pb = _validate.check_decode_args(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], head_dim_v,
+                                     a["tile_scheduler_metadata"], a["num_splits"], softmax_scale, causal,
+                                     is_fp8_kvcache, indices, a["out"], a["lse"])
+    if _validate.resolve_validate(validate):
+        _validate.check_device_data(a["block_table"], a["cache_seqlens"], pb)
+    _check_device(ctx.device_id)
+    cfg = _decode_config(ctx.device_id, pb.head_dim, pb.m)
+    variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
+    import cupy
+
+    qa, kv = a["q"], a["k_cache"]
+    with ctx.activate():
+        out_a = a["out"] if a["out"] is not None else cupy.empty(
+            (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), dtype=qa.dtype)
+        lse_a = a["lse"] if a["lse"] is not None else cupy.empty((pb.batch, pb.h_q, pb.s_q), dtype=np.float32)
+        o_accum, lse_accum = _workspace(ctx, pb)
+        es = qa.itemsize
+        common = dict(
+            out=out_a.data.ptr, lse=lse_a.data.ptr,
+            o_stride_b=out_a.strides[0] // es, o_stride_s=out_a.strides[1] // es, o_stride_h=out_a.strides[2] // es,
+            lse_stride_b=lse_a.strides[0] // 4, lse_stride_h=lse_a.strides[1] // 4, lse_stride_s=lse_a.strides[2] // 4,
+            num_splits=a["num_splits"].data.ptr, o_accum=o_accum.data.ptr, lse_accum=lse_accum.data.ptr,
+            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m)
+        decode = _params.pack(
+            _params.DECODE_PARAMS, **common,
+            q=qa.data.ptr, kv=kv.data.ptr, block_table=a["block_table"].data.ptr,
+            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
+            q_stride_b=qa.strides[0] // es, q_stride_s=qa.strides[1] // es, q_stride_h=qa.strides[2] // es,
+            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es, kv_stride_head=kv.strides[2] // es,
+            bt_stride_b=a["block_table"].strides[0] // 4,
+            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
+            scale_log2=pb.softmax_scale * _LOG2E)
+        combine = _params.pack(_params.COMBINE_PARAMS, **{k: common[k] for k in _params.COMBINE_PARAMS.names})
+        num_m_blocks = -(-pb.m // cfg.m_tile)
+        _launch.launch_decode(ctx.device_id, ctx.stream, variant, cfg, decode, num_m_blocks, pb.h_kv, pb.num_sm_parts)
+        _launch.launch_combine(ctx.device_id, ctx.stream, variant, combine, pb.batch, pb.h_kv, pb.m)
+    return ctx.export(out_a), ctx.export(lse_a)
+
+
+def _import(named, stream):
+    try:
+        from . import _interop
+    except ImportError as exc:  # CuPy missing: the reference and the helpers still work
+        raise UnsupportedDeviceError(
+            "mla_cupy's GPU functions need CuPy: pip install 'mla-cupy[cuda12]' (or [cuda13])") from exc
+    return _interop.import_arrays(named, stream)
+
+
+# One fp32 split workspace per (device, stream), grown on demand and reused by later calls on
+# that stream (stream order makes the reuse safe). A CUDA graph captured on a stream keeps
+# using the buffer it saw, so it stays valid as long as no later call needs a larger one.
+_workspaces = {}
+
+
+def _workspace(ctx, pb):
+    import cupy
+
+    rows = (pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m
+    need = rows * pb.head_dim_v + rows
+    key = (ctx.device_id, ctx.stream.ptr)
+    buf = _workspaces.get(key)
+    if buf is None or buf.size < need:
+        buf = cupy.empty((need,), dtype=np.float32)
+        _workspaces[key] = buf
+    return buf[: rows * pb.head_dim_v], buf[rows * pb.head_dim_v: need]
+
+
+def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=None):
+    """Compile (or load from the disk cache) every kernel a decode step needs, now.
+
+    Parameters
+    ----------
+    head_dims : sequence of (head_dim, head_dim_v), optional
+        Default: every supported pair.
+    dtypes : sequence of str, optional
+        "bfloat16" and/or "float16"; default both.
+    num_q_tokens_per_head_k : int or sequence of int, optional
+        Query rows per KV head (``s_q * h_q // h_kv``) of the calls to come; default: one of
+        each decode tile size, which covers every shape.
+    device : int, optional
+        CUDA device id; default the current one.
+
+    Returns
+    -------
+    dict
+        Module name -> seconds it took to compile or load.
+    """
+    import cupy
+
+    device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
+    _check_device(device_id)
+    head_dims = HEAD_DIMS if head_dims is None else tuple(tuple(p) for p in head_dims)
+    for pair in head_dims:
+        if pair not in HEAD_DIMS:
+            raise ValueError(f"head_dims: expected pairs among {HEAD_DIMS}, got {pair}")
+    dtypes = DTYPES if dtypes is None else tuple(dtypes)
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise ValueError(f"dtypes: expected names among {DTYPES}, got {dt!r}")
+    if num_q_tokens_per_head_k is None:
+        ms = _compile.M_TILES
+    elif isinstance(num_q_tokens_per_head_k, (int, np.integer)):
+        ms = (int(num_q_tokens_per_head_k),)
+    else:
+        ms = tuple(int(m) for m in num_q_tokens_per_head_k)
+    variants = [_compile.metadata_variant()]
+    for d, dv in head_dims:
+        for m in ms:
+            cfg = _decode_config(device_id, d, m)
+            for dt in dtypes:
+                variants.append(_compile.decode_variant(dt, d, dv, cfg))
+    seconds = {}
+    with _compile.allow_compile():
+        for v in variants:
+            if v.name in seconds:
+                continue
+            t0 = time.perf_counter()
+            _compile.get_module(device_id, v)
+            seconds[v.name] = time.perf_counter() - t0
+    return seconds
+
+
+def show_config(file=None):
+    """Print versions (mla_cupy, CuPy, NVRTC, CUDA driver/runtime), the device and cache dir."""
+    import os
+    import sys
+
+    from ._env import CONFIG
+    from ._version import __version__
+
+    lines = [f"mla_cupy {__version__} (kernel sources sha256 {_compile.source_digest()[:16]})"]
+    try:
+        import cupy
+
+        lines.append(f"CuPy {cupy.__version__}")
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            major, minor = nvrtc.getVersion()
+            lines.append(f"NVRTC {major}.{minor}")
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            lines.append(f"NVRTC unavailable: {exc}")
+        try:
+            drv = cupy.cuda.runtime.driverGetVersion()
+            rt = cupy.cuda.runtime.runtimeGetVersion()
+            lines.append(f"CUDA driver {drv // 1000}.{drv % 1000 // 10}, runtime {rt // 1000}.{rt % 1000 // 10}")
+            n = cupy.cuda.runtime.getDeviceCount()
+            for i in range(n):
+                props = cupy.cuda.runtime.getDeviceProperties(i)
+                cc, sms, smem = _launch.device_info(i)
+                lines.append(f"device {i}: {props['name'].decode()}, sm_{cc}, {sms} SMs, "
+                             f"{smem // 1024} KB shared memory per block")
+        except Exception as exc:  # noqa: BLE001
+            lines.append(f"no CUDA device: {exc}")
+    except ImportError:
+        lines.append("CuPy not installed (GPU functions unavailable; mla_cupy.reference works)")
+    cache = CONFIG.cache_dir or os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
+    lines.append(f"kernel cache dir: {cache}")
+    print("\n".join(lines), file=file or sys.stdout)

@@ -1,0 +1,89 @@
+"""Test lanes and GPU detection.
+
+Every test carries at least one lane marker (registered in pyproject.toml):
+
+* ``cpu``: runs anywhere (NumPy reference, scheduler, validation, interop dispatch);
+* ``compile``: NVRTC builds kernels for sm_80 and sm_90a; needs NVRTC, not a GPU;
+* ``gpu``: needs a CUDA GPU that mla_cupy supports; skipped with the reason where there is none.
+
+A collected test without a lane marker is a usage error, so no test can slip out of every lane.
+``--require-gpu`` turns the gpu lane's skip into a failure (for runs on a GPU machine, where a
+skip would mean a broken setup rather than a missing device).
+
+Importing this file imports neither torch nor jax (nor CuPy until a gpu-marked test runs).
+"""
+
+import functools
+
+import pytest
+
+LANES = ("cpu", "compile", "gpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-gpu", action="store_true", default=False,
+        help="fail the gpu-marked tests instead of skipping them when no usable CUDA GPU is found",
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_status():
+    """Return ``(True, description)`` if CuPy sees a GPU mla_cupy supports, else ``(False, reason)``."""
+    try:
+        import cupy
+    except Exception as exc:  # not installed, or a broken CUDA library
+        return False, f"no CUDA GPU visible to CuPy: cupy cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, driver too old, no device
+        return False, f"no CUDA GPU visible to CuPy: {type(exc).__name__}: {exc}"
+    if count < 1:
+        return False, "no CUDA GPU visible to CuPy: the driver reports 0 devices"
+    from mla_cupy.support import MIN_COMPUTE_CAPABILITY
+
+    device = cupy.cuda.Device()
+    major, minor = divmod(int(device.compute_capability), 10)
+    props = cupy.cuda.runtime.getDeviceProperties(device.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        need = "%d.%d" % MIN_COMPUTE_CAPABILITY
+        return False, (f"CUDA GPU {device.id} ({name}) has compute capability {major}.{minor}; "
+                       f"mla_cupy needs {need} or newer")
+    return True, f"{name}, compute capability {major}.{minor}"
+
+
+def gpu_available():
+    """True if CuPy sees a CUDA GPU that mla_cupy supports."""
+    return gpu_status()[0]
+
+
+@pytest.fixture(name="gpu_available", scope="session")
+def gpu_available_fixture():
+    """Whether a supported CUDA GPU is visible (for tests that behave differently without one)."""
+    return gpu_available()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # Runs before ``-m`` deselects anything, so an unmarked test is caught whatever lane is run.
+    unmarked = [item.nodeid for item in items
+                if not any(item.get_closest_marker(lane) for lane in LANES)]
+    if unmarked:
+        listed = "\n  ".join(unmarked)
+        raise pytest.UsageError(
+            f"every test needs a lane marker ({', '.join(LANES)}); these have none "
+            f"(add e.g. `pytestmark = pytest.mark.cpu` to the module):\n  {listed}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Only selected gpu tests probe the device, so `pytest -m cpu` never imports CuPy here.
+    if item.get_closest_marker("gpu") is None:
+        return
+    ok, reason = gpu_status()
+    if ok:
+        return
+    if item.config.getoption("--require-gpu"):
+        pytest.fail(f"--require-gpu: {reason}", pytrace=False)
+    pytest.skip(reason)

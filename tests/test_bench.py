@@ -1,0 +1,270 @@
+"""The benchmark's pure parts: work formulas, sweep, input layout, table and JSON lines."""
+
+import ast
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mla_cupy import bench
+
+pytestmark = pytest.mark.cpu
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# --- work per call -----------------------------------------------------------------------------
+
+def test_flops_hand_computed():
+    # two sequences of 3 and 5 tokens, s_q 2, h_q 4, d 8, dv 4:
+    # 2*4*3*2*(8+4) + 2*4*5*2*(8+4) = 576 + 960
+    assert bench.decode_flops([3, 5], s_q=2, h_q=4, d=8, dv=4) == 1536
+
+
+def test_bytes_hand_computed():
+    # b = 2: KV (3+5)*1*8*2 = 128; q 2*2*4*8*2 = 256; out 2*2*4*4*2 = 128
+    assert bench.decode_bytes([3, 5], s_q=2, h_q=4, d=8, dv=4, h_kv=1) == 512
+    # h_kv scales only the KV part
+    assert bench.decode_bytes([3, 5], s_q=2, h_q=4, d=8, dv=4, h_kv=2) == 512 + 128
+
+
+def test_work_matches_published_throughputs():
+    # FlashMLA's b128 s_q1 h16 (158 us = 3.85 TB/s) and b128 s_q1 h128 (249 us = 586 TFLOP/s)
+    flops, nbytes = bench.config_work(bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096))
+    assert nbytes / 158e-6 / 1e12 == pytest.approx(3.85, abs=0.01)
+    flops, _ = bench.config_work(bench.BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096))
+    assert flops / 249e-6 / 1e12 == pytest.approx(586, abs=1)
+
+
+def test_work_uses_exact_integers_for_large_problems():
+    flops, nbytes = bench.config_work(bench.BenchConfig(b=1, s_q=1, h_q=128, seqlen=1 << 20))
+    assert isinstance(flops, int) and isinstance(nbytes, int)
+    assert flops == 128 * (1 << 20) * 2 * (576 + 512)
+
+
+def test_derive_rates():
+    tbps, tflops, pct_bw, pct_mma = bench.derive_rates(2e12, 1e12, 1e6, 4.0, 800.0)
+    assert (tbps, tflops) == pytest.approx((1.0, 2.0))
+    assert (pct_bw, pct_mma) == pytest.approx((25.0, 0.25))
+    assert bench.derive_rates(1, 1, None) == (None, None, None, None)
+    assert bench.derive_rates(1, 1, 10.0)[2:] == (None, None)
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+
+def test_standard_sweep_contents():
+    names = [c.name for c in bench.standard_sweep()]
+    assert len(names) == len(set(names)) == 19
+    for varlen in ("", " varlen"):
+        for s_q in (1, 2):
+            for h_q in (16, 32, 64, 128):
+                assert f"b128 s_q{s_q} h{h_q}{varlen}" in names
+    for extra in ("b1 s_q1 h128 64K", "b8 s_q1 h128 64K", "b1 s_q1 h128 1M"):
+        assert extra in names
+    for c in bench.standard_sweep():
+        assert (c.h_kv, c.d, c.dv, c.page, c.causal) == (1, 576, 512, 64, True)
+
+
+def test_quick_sweep_is_a_subset():
+    quick = [c.name for c in bench.quick_sweep()]
+    assert quick == ["b128 s_q1 h16", "b128 s_q2 h128", "b128 s_q1 h128 varlen",
+                     "b1 s_q1 h128 64K"]
+    assert set(quick) <= {c.name for c in bench.standard_sweep()}
+
+
+def test_seqlens():
+    uniform = bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096).seqlens()
+    assert uniform.dtype == np.int32 and (uniform == 4096).all()
+    cfg = bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096, varlen=True)
+    a, b = cfg.seqlens(), cfg.seqlens()
+    assert a.dtype == np.int32 and a.shape == (128,)
+    assert (a == b).all()                      # seeded: the same every time
+    assert (a >= 1).all() and len(set(a.tolist())) > 100
+    assert 3500 < a.mean() < 4700 and 700 < a.std() < 1300
+    # clipping: a wide distribution still never gives a length below 1
+    wide = bench.BenchConfig(b=256, s_q=1, h_q=16, seqlen=10, varlen=True, seqlen_std=1000)
+    assert wide.seqlens().min() == 1
+    other = bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096, varlen=True, seed=1)
+    assert (other.seqlens() != a).any()
+
+
+def test_configs_sharing_kv_are_grouped():
+    groups = bench.group_by_kv(bench.standard_sweep())
+    assert [len(g) for _, g in groups] == [8, 8, 1, 1, 1]
+    keys = [k for k, _ in groups]
+    assert len(keys) == len(set(keys))
+    for key, group in groups:
+        assert all(c.kv_key == key for c in group)
+        lens = [c.seqlens() for c in group]
+        assert all((x == lens[0]).all() for x in lens)
+
+
+def test_labels():
+    assert bench.tokens_label(4096) == "4K"
+    assert bench.tokens_label(65536) == "64K"
+    assert bench.tokens_label(1 << 20) == "1M"
+    assert bench.tokens_label(1000) == "1000"
+
+
+# --- input layout ----------------------------------------------------------------------------------
+
+def test_input_sets_cover_a_gib():
+    for cfg in bench.standard_sweep():
+        per_set = bench.kv_read_bytes(cfg.seqlens(), cfg.h_kv, cfg.d)
+        n = bench.input_sets_needed(per_set)
+        assert n * per_set >= bench.GIB
+        assert n == 1 or (n - 1) * per_set < bench.GIB      # no more than needed
+    assert bench.input_sets_needed(0) == 1
+    assert bench.input_sets_needed(1, max_sets=8) == 8
+
+
+def test_block_table_is_a_permutation_of_the_pool():
+    lens = np.array([1, 64, 65, 200, 7], dtype=np.int32)
+    table, num_blocks = bench.build_block_table(lens, 64, np.random.default_rng(0))
+    pages = bench.pages_per_seq(lens, 64)
+    assert pages.tolist() == [1, 1, 2, 4, 1]
+    assert table.dtype == np.int32 and table.shape == (5, 4)
+    assert num_blocks == 9
+    used = np.concatenate([table[i, :n] for i, n in enumerate(pages)])
+    assert sorted(used.tolist()) == list(range(num_blocks))
+    assert ((table >= 0) & (table < num_blocks)).all()
+    again, _ = bench.build_block_table(lens, 64, np.random.default_rng(1))
+    assert (again != table).any()                                # random order
+
+
+# --- records, table, JSON ---------------------------------------------------------------------------
+
+def _sample_record(**overrides):
+    cfg = bench.BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096, varlen=True)
+    ours = bench.summarize_times([250.0, 251.0, 249.0], [60.0, 61.0, 59.0], True)
+    peer = bench.summarize_times([300.0, 301.0, 299.0], [80.0, 81.0, 79.0], True)
+    meta = bench.summarize_times([5.0, 6.0, 4.0], [20.0, 21.0, 19.0], True)
+    kw = dict(iters=3, input_sets=2, distinct_kv_bytes=2 * bench.GIB, bw_roof_tbps=4.5,
+              mma_roof_tflops=770.0, diffs=(1.5e-5, 2e-6))
+    kw.update(overrides)
+    return bench.make_result(cfg, ours, peer, meta, **kw)
+
+
+def test_result_schema():
+    rec = _sample_record()
+    assert tuple(rec) == bench.RESULT_KEYS
+    assert rec["kind"] == "result" and rec["config"] == "b128 s_q1 h128 varlen"
+    assert rec["us"] == 250.0 and rec["peer_us"] == 300.0
+    assert rec["speed_ratio"] == pytest.approx(1.2)
+    assert rec["host_us"] == 60.0 and rec["meta_us"] == 5.0
+    flops, nbytes = bench.config_work(bench.BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096,
+                                                        varlen=True))
+    assert rec["tflops"] == pytest.approx(flops / 250e-6 / 1e12)
+    assert rec["pct_bw_roof"] == pytest.approx(100 * nbytes / 250e-6 / 1e12 / 4.5)
+    line = bench.json_line(rec)
+    assert "\n" not in line
+    back = json.loads(line)
+    assert list(back) == list(bench.RESULT_KEYS)
+    assert back["flops"] == flops and back["total_tokens"] == int(rec["total_tokens"])
+
+
+def test_failed_record_is_valid_json():
+    cfg = bench.BenchConfig(b=1, s_q=1, h_q=128, seqlen=1 << 20)
+    rec = bench.make_result(cfg, error="RuntimeError: boom", iters=30)
+    back = json.loads(bench.json_line(rec))
+    assert back["error"] == "RuntimeError: boom"
+    assert back["us"] is None and back["speed_ratio"] is None
+    nan = dict(rec, max_abs_diff_out=float("nan"), max_abs_diff_lse=np.float32(np.inf))
+    back = json.loads(bench.json_line(nan))            # strict JSON: NaN/inf become null
+    assert back["max_abs_diff_out"] is None and back["max_abs_diff_lse"] is None
+
+
+def test_header_line_schema():
+    header = {k: None for k in bench.HEADER_KEYS}
+    header.update(kind="header", schema=bench.SCHEMA_VERSION, gpu="NVIDIA H200", sm_count=132,
+                  bw_roof_tbps=4.57, mma_roof_tflops=772.0, mma_roof_dtype="bfloat16")
+    back = json.loads(bench.json_line(header))
+    assert back["kind"] == "header" and back["schema"] == bench.SCHEMA_VERSION
+    lines = bench.format_env(header)
+    text = "\n".join(lines)
+    assert "NVIDIA H200" in text and "132 SMs" in text and "4.57 TB/s" in text
+    assert "772 TFLOP/s" in text and "bfloat16" in text
+
+
+def test_table_alignment():
+    records = [_sample_record(),
+               bench.make_result(bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096)),
+               _sample_record(diffs=(float("nan"), None))]
+    lines = bench.format_table(records)
+    titles, rule, rows = lines[0], lines[1], lines[2:]
+    for title in ("config", "µs", "TB/s", "TFLOP/s", "%BW-roof", "%MMA-roof", "FlashMLA µs",
+                  "ours/FlashMLA", "host µs/call"):
+        assert title in titles
+    assert set(rule) == {"-"} and len(rule) == len(titles)
+    assert all(len(r) == len(titles) for r in rows)
+    # every column ends at the same place in every line
+    ends = [titles.index("TB/s") + len("TB/s"), titles.index("host µs/call") + 12]
+    for r in rows:
+        for e in ends:
+            assert r[e - 1] != " " and (e == len(r) or r[e] == " ")
+    assert rows[0].startswith("b128 s_q1 h128 varlen")
+    assert "250.0" in rows[0] and "1.200" in rows[0]
+    assert rows[1].split()[4] == "-"                            # missing values as '-'
+
+
+def test_error_rows_carry_the_message():
+    cols = bench.table_columns(24)
+    rec = bench.make_result(bench.BenchConfig(b=8, s_q=1, h_q=128, seqlen=65536),
+                            error="ValueError: bad")
+    line = bench.format_row(rec, cols)
+    assert line.startswith("b8 s_q1 h128 64K") and line.endswith("ERROR: ValueError: bad")
+    width = len(bench.format_header(cols)[0])
+    assert line[width:].startswith(bench.COLUMN_SEP)
+
+
+def test_short_error():
+    msg = bench.short_error(ValueError("line one\nline two"))
+    assert msg == "ValueError: line one line two"
+    assert len(bench.short_error(RuntimeError("x" * 500), limit=50)) == 50
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def test_parse_args_defaults(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    args = bench.parse_args([])
+    assert args.iters == bench.DEFAULT_ITERS >= 30 and args.json is None and not args.quick
+    assert args.peer == os.path.join(".peers", "flashmla")
+    args = bench.parse_args(["--quick", "--iters", "40", "--json", "r.jsonl", "--peer", "p"])
+    assert (args.quick, args.iters, args.json, args.peer) == (True, 40, "r.jsonl", "p")
+    assert bench.parse_args(["--quick"]).iters == bench.QUICK_ITERS >= 30
+    monkeypatch.setenv("OUT", "results")
+    assert bench.parse_args([]).json == os.path.join("results", "bench.jsonl")
+    assert bench.default_json_path({}) is None
+
+
+def test_select_configs_filter():
+    args = bench.parse_args(["--filter", "64K"])
+    assert [c.name for c in bench.select_configs(args)] == ["b1 s_q1 h128 64K",
+                                                              "b8 s_q1 h128 64K"]
+
+
+# --- imports ---------------------------------------------------------------------------------------
+
+def test_module_level_imports_are_light():
+    tree = ast.parse((ROOT / "mla_cupy" / "bench.py").read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    assert not top & {"cupy", "torch", "jax", "cupyx"}
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, mla_cupy.bench; print('torch' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False"
