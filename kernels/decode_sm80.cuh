@@ -29,6 +29,7 @@ struct DecodeTraits {
   static constexpr int NTHREADS = 32 * NWARPS;
   static constexpr int TPW = BN / WN;                 // S tokens per warp
   static constexpr int NT_S = TPW / 8;                // n8 tiles of S per warp
+  static constexpr int KSPLIT = NT_S == 1 ? 4 : 2;    // independent S accumulator chains
   static constexpr int CPW = DV / WN;                 // O columns per warp
   static constexpr int NT_O = CPW / 8;                // n8 tiles of O per warp
   static constexpr int CHUNKS = D / 8;                // 16-byte chunks per K/Q row
@@ -48,6 +49,7 @@ struct DecodeTraits {
   static_assert(NT_O % 2 == 0, "O tiles are loaded in pairs by ldmatrix x4.trans");
   static_assert(NTHREADS % BN == 0 && CHUNKS % THREADS_PER_TOKEN == 0, "KV load mapping");
   static_assert(BN % 16 == 0, "P V consumes 16 tokens per mma");
+  static_assert((D / 16) % KSPLIT == 0, "k-steps split evenly over the S accumulators");
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][CHUNKS] tile.
@@ -110,29 +112,31 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
     // ---- KV tile loader: THREADS_PER_TOKEN threads per token, strided 16-byte chunks ---------
     const int ld_tok = tid / T::THREADS_PER_TOKEN, ld_sub = tid % T::THREADS_PER_TOKEN;
     const int32_t* bt_row = p.block_table + req * p.bt_stride_b;
-    auto load_tile = [&](int tile, int stage) {
+    // The block-table lookup of a tile is issued one iteration before its copies, so the
+    // dependent global load never stalls the warp in front of the math.
+    auto tile_src = [&](int tile) -> const char* {
       const int tok = tok_begin + tile * T::BN + ld_tok;
-      const bool valid = tok < tok_end;
-      const char* src = kv_base;
-      if (valid) {
-        const int page = tok / p.page_size;
-        const int64_t blk = bt_row[page];
-        src = kv_base + 2 * (blk * p.kv_stride_block + (int64_t)(tok - page * p.page_size) * p.kv_stride_tok +
-                             (int64_t)hk * p.kv_stride_head);
-      }
+      if (tile >= n_tiles || tok >= tok_end) return nullptr;
+      const int page = tok / p.page_size;
+      const int64_t blk = bt_row[page];
+      return kv_base + 2 * (blk * p.kv_stride_block + (int64_t)(tok - page * p.page_size) * p.kv_stride_tok +
+                            (int64_t)hk * p.kv_stride_head);
+    };
+    auto issue_tile = [&](const char* src, int stage) {
       const uint32_t dst = sKV_addr + stage * T::KV_STAGE_BYTES;
 #pragma unroll
       for (int j = 0; j < T::CHUNKS / T::THREADS_PER_TOKEN; ++j) {
         const int c = ld_sub + j * T::THREADS_PER_TOKEN;
-        cp_async_16(dst + swz<T::CHUNKS>(ld_tok, c), valid ? src + c * 16 : kv_base, valid ? 16 : 0);
+        cp_async_16(dst + swz<T::CHUNKS>(ld_tok, c), src ? src + c * 16 : kv_base, src ? 16 : 0);
       }
     };
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < n_tiles) load_tile(s, s);
+      if (s < n_tiles) issue_tile(tile_src(s), s);
       cp_async_commit();  // the first group also carries Q
     }
+    const char* next_src = tile_src(STAGES - 1);
 
     // ---- per-thread softmax state for rows wrow + g and wrow + g + 8 ---------------------------
     float o[T::NT_O][4];
@@ -151,29 +155,46 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
       __syncthreads();  // tile `tile` landed for everyone; stage of tile-1 is free
       {
         const int next = tile + STAGES - 1;
-        if (next < n_tiles) load_tile(next, next % STAGES);
+        if (next < n_tiles) issue_tile(next_src, next % STAGES);
         cp_async_commit();
+        next_src = tile_src(next + 1);
       }
       const uint32_t sK = sKV_addr + (tile % STAGES) * T::KV_STAGE_BYTES;
 
       // ---- S = Q K^T for 16 rows x TPW tokens ---------------------------------------------------
-      float s[T::NT_S][4];
+      // KSPLIT independent accumulators break the serial dependence of consecutive k-steps.
+      float s[T::NT_S][4], s_part[T::KSPLIT][T::NT_S][4];
 #pragma unroll
-      for (int j = 0; j < T::NT_S; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int u = 0; u < T::KSPLIT; ++u)
+#pragma unroll
+        for (int j = 0; j < T::NT_S; ++j) s_part[u][j][0] = s_part[u][j][1] = s_part[u][j][2] = s_part[u][j][3] = 0.f;
       const int n0 = wn * T::TPW;
-#pragma unroll 4
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4], b[T::NT_S][2];
-        ldmatrix_x4(sQ_addr + swz<T::CHUNKS>(wrow + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1], a[2], a[3]);
-        if constexpr (T::NT_S == 2) {
-          ldmatrix_x4(sK + swz<T::CHUNKS>(n0 + ((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)),
-                      b[0][0], b[0][1], b[1][0], b[1][1]);
-        } else {
-          ldmatrix_x2(sK + swz<T::CHUNKS>(n0 + (lane & 7), kk * 2 + ((lane >> 3) & 1)), b[0][0], b[0][1]);
-        }
+#pragma unroll 2
+      for (int kb = 0; kb < D / 16; kb += T::KSPLIT) {
 #pragma unroll
-        for (int j = 0; j < T::NT_S; ++j) mma_16816<IsBf16>(s[j], a, b[j]);
+        for (int u = 0; u < T::KSPLIT; ++u) {
+          const int kk = kb + u;
+          uint32_t a[4], b[T::NT_S][2];
+          ldmatrix_x4(sQ_addr + swz<T::CHUNKS>(wrow + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1], a[2], a[3]);
+          if constexpr (T::NT_S == 2) {
+            ldmatrix_x4(sK + swz<T::CHUNKS>(n0 + ((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)),
+                        b[0][0], b[0][1], b[1][0], b[1][1]);
+          } else {
+            ldmatrix_x2(sK + swz<T::CHUNKS>(n0 + (lane & 7), kk * 2 + ((lane >> 3) & 1)), b[0][0], b[0][1]);
+          }
+#pragma unroll
+          for (int j = 0; j < T::NT_S; ++j) mma_16816<IsBf16>(s_part[u][j], a, b[j]);
+        }
       }
+#pragma unroll
+      for (int j = 0; j < T::NT_S; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float acc = s_part[0][j][e];
+#pragma unroll
+          for (int u = 1; u < T::KSPLIT; ++u) acc += s_part[u][j][e];
+          s[j][e] = acc;
+        }
 
       // ---- mask, scale to log2 units, tile row max --------------------------------------------
       const int tile_tok = tok_begin + tile * T::BN + n0;

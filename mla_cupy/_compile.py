@@ -38,9 +38,10 @@ NVRTC_OPTIONS = ("-std=c++17",)
 KV_TILE_TOKENS = 32
 MAX_STAGES = 4
 M_TILES = (16, 32, 64)
-# Opt-in shared memory per block of the GPU classes the compile lane covers (bytes):
-# sm_86/89-class 99 KB, sm_80/87 163 KB, sm_90 227 KB.
-SMEM_CLASSES = (101376, 166912, 232448)
+# Shared memory (opt-in per block, per SM) of the GPU classes the compile lane covers, bytes:
+# sm_86/89-class, sm_80/87, sm_90.
+SMEM_CLASSES = ((101376, 102400), (166912, 167936), (232448, 233472))
+SMEM_RESERVED_PER_CTA = 1024  # the hardware keeps 1 KB of every CTA's shared memory
 
 
 def _kernels_dir():
@@ -99,6 +100,7 @@ class DecodeConfig:
     stages: int
     threads: int
     smem_bytes: int
+    ctas_per_sm: int = 1
 
 
 def _dtype_tag(dtype):
@@ -129,20 +131,36 @@ def decode_smem_bytes(head_dim, m_tile, stages):
     return q + stages * kv + p + stats
 
 
-def decode_config(head_dim, m, smem_limit):
-    """Tile and pipeline depth for m packed query rows on a device with smem_limit bytes.
+def ctas_per_sm(m, smem_per_sm):
+    """Decode CTAs resident per SM: two 16-row CTAs where two fit (small m is memory-bound and
+    a second CTA hides the first one's barriers and latencies), else one.
+
+    Decided from m alone (sized for the largest head_dim), so ``get_mla_metadata``, which does
+    not see head_dim, and the decode call agree on it.
+    """
+    d_max = max(d for d, _ in HEAD_DIMS)
+    if m <= M_TILES[0] and 2 * (decode_smem_bytes(d_max, M_TILES[0], 2) + SMEM_RESERVED_PER_CTA) <= smem_per_sm:
+        return 2
+    return 1
+
+
+def decode_config(head_dim, m, smem_per_block, smem_per_sm=None):
+    """Tile and pipeline depth for m packed query rows on a device with this shared memory.
 
     The smallest tile covering m (16, 32 or 64 rows; larger m uses several 64-row CTAs), then
-    as many KV stages as fit (at most MAX_STAGES); a tile that fits fewer than two stages falls
-    back to the next smaller one. Returns None when even 16 rows and two stages do not fit.
+    as many KV stages as fit the per-CTA budget (at most MAX_STAGES; with two CTAs per SM, half
+    the SM's memory); a tile that fits fewer than two stages falls back to the next smaller one.
+    Returns None when even 16 rows and two stages do not fit.
     """
+    occ = 1 if smem_per_sm is None else ctas_per_sm(m, smem_per_sm)
+    budget = smem_per_block if occ == 1 else min(smem_per_block, smem_per_sm // occ - SMEM_RESERVED_PER_CTA)
     m_tile = next((t for t in M_TILES if m <= t), M_TILES[-1])
     while True:
         fixed = decode_smem_bytes(head_dim, m_tile, 0)
-        stages = min(MAX_STAGES, (smem_limit - fixed) // (KV_TILE_TOKENS * head_dim * 2))
+        stages = min(MAX_STAGES, (budget - fixed) // (KV_TILE_TOKENS * head_dim * 2))
         if stages >= 2:
             threads = 32 * (m_tile // 16) * (2 if m_tile == 64 else 4)
-            return DecodeConfig(m_tile, stages, threads, decode_smem_bytes(head_dim, m_tile, stages))
+            return DecodeConfig(m_tile, stages, threads, decode_smem_bytes(head_dim, m_tile, stages), occ)
         if m_tile == M_TILES[0]:
             return None
         m_tile = M_TILES[M_TILES.index(m_tile) - 1]
@@ -153,9 +171,9 @@ def all_variants():
     out = {metadata_variant().name: metadata_variant()}
     for dtype in DTYPES:
         for d, dv in HEAD_DIMS:
-            for smem in SMEM_CLASSES:
+            for smem_block, smem_sm in SMEM_CLASSES:
                 for m in M_TILES:
-                    cfg = decode_config(d, m, smem)
+                    cfg = decode_config(d, m, smem_block, smem_sm)
                     if cfg is not None:
                         v = decode_variant(dtype, d, dv, cfg)
                         out[v.name] = v
@@ -263,3 +281,33 @@ def compile_offline(variant, arch, extra_options=()):
         return OfflineBuild(nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog), lowered)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def probe_param_offsets(arch="compute_80"):
+    """Field offsets of the C parameter structs as NVRTC lays them out (no GPU needed).
+
+    Compiles ``_params.offset_probe_source()`` to PTX, where each field's offset is stored as a
+    literal into out[k], and reads the literals back in order.
+    """
+    import re
+
+    from cupy_backends.cuda.libs import nvrtc
+
+    src = "".join(text for name, text in _sources() if name in ("prelude.cuh", "params.cuh"))
+    src += _params.offset_probe_source()
+    prog = nvrtc.createProgram(src, "params_probe.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
+        except nvrtc.NVRTCError as exc:
+            raise CompileError("NVRTC failed to compile the parameter probe", nvrtc.getProgramLog(prog)) from exc
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    consts = dict(re.findall(r"mov\.u32\s+(%r\d+),\s*(-?\d+);", ptx))
+    stores = re.findall(r"st\.global\.u32\s+\[%rd\d+(?:\+(\d+))?\],\s*(%r\d+|-?\d+);", ptx)
+    by_slot = {}
+    for off, val in stores:
+        by_slot[int(off or 0) // 4] = int(consts.get(val, val))
+    return [by_slot.get(k) for k in range(len(by_slot))]

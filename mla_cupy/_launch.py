@@ -14,12 +14,14 @@ COMBINE_ROWS_PER_CTA = 8  # one warp per packed query row, kernels/combine.cuh
 
 @functools.cache
 def device_info(device_id):
-    """(compute capability as int e.g. 90, SM count, opt-in shared memory per block in bytes)."""
+    """(compute capability as int e.g. 90, SM count, opt-in shared memory per block, shared
+    memory per SM), memory in bytes."""
     import cupy
 
     dev = cupy.cuda.Device(device_id)
     attrs = dev.attributes
-    return int(dev.compute_capability), attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerBlockOptin"]
+    return (int(dev.compute_capability), attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerBlockOptin"],
+            attrs["MaxSharedMemoryPerMultiprocessor"])
 
 
 _smem_set = set()

@@ -90,10 +90,9 @@ def pack(dtype, **values):
 
     Every field must be given (pad fields default to zero), so a forgotten field is an error.
     """
-    rec = np.zeros((), dtype=dtype)
-    missing = [f for f in dtype.names if f not in values and not f.startswith("pad")]
-    if missing:
-        raise ValueError(f"parameter block {dtype}: fields not set: {missing}")
-    for key, value in values.items():
-        rec[key] = value
+    if len(values) != len(dtype.names) - sum(f.startswith("pad") for f in dtype.names):
+        missing = [f for f in dtype.names if f not in values and not f.startswith("pad")]
+        unknown = [k for k in values if k not in dtype.names]
+        raise ValueError(f"parameter block {dtype}: fields not set: {missing}, unknown fields: {unknown}")
+    rec = np.array(tuple(values.get(f, 0) for f in dtype.names), dtype=dtype)
     return rec.reshape(1).view(np.dtype((np.void, dtype.itemsize)))[0]

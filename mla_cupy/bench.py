@@ -31,6 +31,7 @@ when the benchmark runs; PyTorch only when the FlashMLA peer is used.
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -226,7 +227,7 @@ RESULT_KEYS = (
     "us", "us_min", "us_max", "tbps", "tflops", "pct_bw_roof", "pct_mma_roof", "host_us",
     "meta_us", "meta_host_us", "queue_ahead",
     "peer_us", "peer_tbps", "peer_tflops", "peer_host_us", "peer_queue_ahead", "speed_ratio",
-    "max_abs_diff_out", "max_abs_diff_lse", "error", "peer_error",
+    "max_abs_diff_out", "max_abs_diff_lse", "error", "peer_error", "suspect",
 )
 
 HEADER_KEYS = (
@@ -247,6 +248,14 @@ def derive_rates(flops, nbytes, us, bw_roof_tbps=None, mma_roof_tflops=None):
     return tbps, tflops, pct_bw, pct_mma
 
 
+def beats_roof(nbytes, us, bw_roof_tbps, slack=1.05):
+    """True when ``us`` would mean moving ``nbytes`` faster than the measured read roof allows:
+    a timing that cannot be right (the work ran outside the events, or was skipped)."""
+    if not us or not bw_roof_tbps:
+        return False
+    return nbytes / (us * 1e-6) / 1e12 > bw_roof_tbps * slack
+
+
 def make_result(cfg, ours=None, peer=None, meta=None, *, iters=None, input_sets=None,
                 distinct_kv_bytes=None, bw_roof_tbps=None, mma_roof_tflops=None,
                 diffs=(None, None), error=None, peer_error=None):
@@ -265,6 +274,8 @@ def make_result(cfg, ours=None, peer=None, meta=None, *, iters=None, input_sets=
     ratio = None
     if ours.get("us") and peer.get("us"):
         ratio = peer["us"] / ours["us"]
+    suspect = [who for who, t in (("ours", ours), ("FlashMLA", peer))
+               if beats_roof(nbytes, t.get("us"), bw_roof_tbps)]
     rec = {
         "kind": "result", "config": cfg.name, "b": cfg.b, "s_q": cfg.s_q, "h_q": cfg.h_q,
         "h_kv": cfg.h_kv, "d": cfg.d, "dv": cfg.dv, "page": cfg.page, "causal": cfg.causal,
@@ -279,6 +290,8 @@ def make_result(cfg, ours=None, peer=None, meta=None, *, iters=None, input_sets=
         "peer_host_us": peer.get("host_us"), "peer_queue_ahead": peer.get("queue_ahead"),
         "speed_ratio": ratio, "max_abs_diff_out": diffs[0], "max_abs_diff_lse": diffs[1],
         "error": error, "peer_error": peer_error,
+        "suspect": (" and ".join(suspect) + " faster than the read roof: timing suspect")
+        if suspect else None,
     }
     return rec
 
@@ -370,6 +383,8 @@ def format_row(record, columns):
         notes.append(f"FlashMLA: {record['peer_error']}")
     if record.get("queue_ahead") is False or record.get("peer_queue_ahead") is False:
         notes.append("host-bound timing")
+    if record.get("suspect"):
+        notes.append(record["suspect"])
     if notes:
         line += COLUMN_SEP + "; ".join(notes)
     return line
@@ -520,8 +535,9 @@ class _Samples:
 class _Timer:
     """CUDA-event timing of many calls with the host kept ahead of the GPU."""
 
-    def __init__(self, cp, max_calls):
+    def __init__(self, cp, max_calls, stream):
         self.cp = cp
+        self.stream = stream
         self.spin = cp.RawKernel(_SPIN_SRC, "bench_spin")
         self.starts = [cp.cuda.Event() for _ in range(max_calls)]
         self.ends = [cp.cuda.Event() for _ in range(max_calls)]
@@ -530,20 +546,26 @@ class _Timer:
         """Time ``fn(k)`` for k in range(n_calls); returns the raw _Samples."""
         cp = self.cp
         n_calls = min(n_calls, len(self.starts))
-        spin_ns = int(min(max(n_calls * host_us_estimate * 1.5 + 2000.0, 1000.0), 500_000.0)
-                      * 1000)
-        cp.cuda.get_current_stream().synchronize()
-        t_begin = time.perf_counter()
-        self.spin((1,), (1,), (np.uint64(spin_ns),))
-        host = []
-        for k in range(n_calls):
-            self.starts[k].record()
-            t0 = time.perf_counter_ns()
-            fn(k)
-            t1 = time.perf_counter_ns()
-            self.ends[k].record()
-            host.append((t1 - t0) / 1e3)
-        enqueue_s = time.perf_counter() - t_begin
+        spin_ns = int(min(n_calls * host_us_estimate * 2.0 + 5000.0, 500_000.0) * 1000)
+        stream = self.stream
+        stream.synchronize()
+        gc_was_on = gc.isenabled()
+        gc.disable()  # as timeit does: no collector pauses inside the timed calls
+        try:
+            t_begin = time.perf_counter()
+            self.spin((1,), (1,), (np.uint64(spin_ns),), stream=stream)
+            host = []
+            for k in range(n_calls):
+                self.starts[k].record(stream)
+                t0 = time.perf_counter_ns()
+                fn(k)
+                t1 = time.perf_counter_ns()
+                self.ends[k].record(stream)
+                host.append((t1 - t0) / 1e3)
+            enqueue_s = time.perf_counter() - t_begin
+        finally:
+            if gc_was_on:
+                gc.enable()
         self.ends[n_calls - 1].synchronize()
         gpu = [cp.cuda.get_elapsed_time(self.starts[k], self.ends[k]) * 1e3
                for k in range(n_calls)]
@@ -709,10 +731,23 @@ class _Peer:
             sys.path.insert(0, path)
         import flash_mla_interface as fm
         self.torch, self.fm, self.cp = torch, fm, cp
-        # Run FlashMLA on CuPy's current stream so that our events bracket its kernels.
+        # FlashMLA must run on CuPy's current stream so that our events bracket its kernels.
+        # Initialise torch's CUDA state first: its lazy initialisation resets the current stream.
+        torch.cuda.init()
+        torch.cuda.set_device(cp.cuda.Device().id)
         self.stream = torch.cuda.ExternalStream(cp.cuda.get_current_stream().ptr)
-        torch.cuda.set_stream(self.stream)
+        self.ensure_stream()
         self.version = getattr(torch, "__version__", "?")
+
+    def ensure_stream(self):
+        """Make torch's current stream CuPy's, and check that it took."""
+        torch = self.torch
+        want = self.cp.cuda.get_current_stream().ptr
+        if torch.cuda.current_stream().cuda_stream != want:
+            torch.cuda.set_stream(self.stream)
+        got = torch.cuda.current_stream().cuda_stream
+        if got != want:
+            raise RuntimeError(f"torch runs on stream {got:#x}, not CuPy's {want:#x}")
 
     def tensor(self, arr):
         torch = self.torch
@@ -796,6 +831,10 @@ def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peer)
                 return decode(qs[j], k_cache, table, cache_seqlens, cfg.dv, sched, splits,
                               softmax_scale=scale, causal=cfg.causal)
             ours_host_est = _warm(cp, ours_call, n_warm)
+            now = cp.cuda.get_current_stream().ptr
+            if now != timer.stream.ptr:
+                raise RuntimeError(f"mla_cupy changed CuPy's current stream from "
+                                   f"{timer.stream.ptr:#x} to {now:#x}")
             ours = timer.run(ours_call, n_timed, ours_host_est)
             ours_out = ours_call(0)
             meta_est = _warm(cp, meta_call, 3)
@@ -811,6 +850,7 @@ def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peer)
             t_seqlens = peer.tensor(cache_seqlens)
             t_sets = [(peer.tensor(qs[j]), peer.tensor(kv_sets[j][0]), peer.tensor(kv_sets[j][1]),
                        peer.new_sched()) for j in range(n_sets)]
+            peer.ensure_stream()
 
             def peer_call(k):
                 tq, tk, tt, sched = t_sets[k % n_sets]
@@ -855,11 +895,22 @@ def run(args, emit=print):
             json_file.write(json_line(rec) + "\n")
             json_file.flush()
 
+    # A context, not stream.use(): CuPy restores the current stream on leaving a stream context
+    # to the enclosing context's, so a use() would not survive a library's own `with stream:`.
     stream = cp.cuda.Stream(non_blocking=True)
-    stream.use()
+    try:
+        with stream:
+            return _run_on_stream(cp, args, emit, stream, write_json)
+    finally:
+        if json_file is not None:
+            json_file.close()
+            emit(f"JSON lines: {args.json}")
+
+
+def _run_on_stream(cp, args, emit, stream, write_json):
     configs = select_configs(args)
     env = _gpu_env(cp)
-    timer = _Timer(cp, max(args.iters, 16))
+    timer = _Timer(cp, max(args.iters, 16), stream)
 
     try:
         bw, bw_how = measure_read_bw(cp, timer, env["sm_count"])
@@ -923,9 +974,6 @@ def run(args, emit=print):
     emit("")
     for line in LEGEND:
         emit(line)
-    if json_file is not None:
-        json_file.close()
-        emit(f"JSON lines: {args.json}")
     return header, records
 
 

@@ -22,18 +22,17 @@ _LOG2E = 1.4426950408889634
 
 
 def _check_device(device_id):
-    cc, sms, smem = _launch.device_info(device_id)
+    cc = _launch.device_info(device_id)[0]
     need = MIN_COMPUTE_CAPABILITY[0] * 10 + MIN_COMPUTE_CAPABILITY[1]
     if cc < need:
         raise UnsupportedDeviceError(
             f"device {device_id}: compute capability {cc // 10}.{cc % 10} is older than the "
             f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} mla_cupy needs")
-    return cc, sms, smem
 
 
 def _decode_config(device_id, head_dim, m):
-    _, _, smem = _launch.device_info(device_id)
-    cfg = _compile.decode_config(head_dim, m, smem)
+    _, _, smem, smem_sm = _launch.device_info(device_id)
+    cfg = _compile.decode_config(head_dim, m, smem, smem_sm)
     if cfg is None:
         raise UnsupportedDeviceError(
             f"device {device_id}: {smem} bytes of shared memory per block are too few for the "
@@ -71,20 +70,28 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     seqlens = arrays["cache_seqlens"]
     _validate.check_metadata_args(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
                                   is_fp8_kvcache, topk)
-    _, sms, _ = _check_device(ctx.device_id)
-    parts = _num_sm_parts(sms, num_q_tokens_per_head_k, num_heads_k)
-    batch = seqlens.shape[0]
+    _check_device(ctx.device_id)
+    _, sms, _, smem_sm = _launch.device_info(ctx.device_id)
+    occupancy = _compile.ctas_per_sm(int(num_q_tokens_per_head_k), smem_sm)
+    parts = _num_sm_parts(sms * occupancy, num_q_tokens_per_head_k, num_heads_k)
+    with ctx.activate():
+        sched, num_splits = _run_metadata(ctx, seqlens, parts)
+    return ctx.export(sched), ctx.export(num_splits)
+
+
+def _run_metadata(ctx, seqlens, parts):
+    """Allocates the metadata arrays and launches the scheduler kernel (inside ctx.activate())."""
     import cupy
 
-    with ctx.activate():
-        sched = cupy.empty((parts, SCHED_METADATA_SIZE), dtype=np.int32)
-        num_splits = cupy.empty((batch + 1,), dtype=np.int32)
-        params = _params.pack(
-            _params.METADATA_PARAMS, seqlens=seqlens.data.ptr, sched=sched.data.ptr,
-            num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts,
-            block_tokens=SCHED_BLOCK_TOKENS, fixed_overhead=SCHED_FIXED_OVERHEAD_BLOCKS)
-        _launch.launch_metadata(ctx.device_id, ctx.stream, params, parts)
-    return ctx.export(sched), ctx.export(num_splits)
+    batch = seqlens.shape[0]
+    sched = cupy.empty((parts, SCHED_METADATA_SIZE), dtype=np.int32)
+    num_splits = cupy.empty((batch + 1,), dtype=np.int32)
+    params = _params.pack(
+        _params.METADATA_PARAMS, seqlens=seqlens.data.ptr, sched=sched.data.ptr,
+        num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts,
+        block_tokens=SCHED_BLOCK_TOKENS, fixed_overhead=SCHED_FIXED_OVERHEAD_BLOCKS)
+    _launch.launch_metadata(ctx.device_id, ctx.stream, params, parts)
+    return sched, num_splits
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
@@ -138,36 +145,42 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
         _validate.check_device_data(a["block_table"], a["cache_seqlens"], pb)
     _check_device(ctx.device_id)
     cfg = _decode_config(ctx.device_id, pb.head_dim, pb.m)
-    variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
+    with ctx.activate():
+        out_a, lse_a = _run_decode(ctx, a, pb, cfg)
+    return ctx.export(out_a), ctx.export(lse_a)
+
+
+def _run_decode(ctx, a, pb, cfg):
+    """Allocates what is missing and launches decode + combine (inside ctx.activate())."""
     import cupy
 
+    variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
     qa, kv = a["q"], a["k_cache"]
-    with ctx.activate():
-        out_a = a["out"] if a["out"] is not None else cupy.empty(
-            (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), dtype=qa.dtype)
-        lse_a = a["lse"] if a["lse"] is not None else cupy.empty((pb.batch, pb.h_q, pb.s_q), dtype=np.float32)
-        o_accum, lse_accum = _workspace(ctx, pb)
-        es = qa.itemsize
-        common = dict(
-            out=out_a.data.ptr, lse=lse_a.data.ptr,
-            o_stride_b=out_a.strides[0] // es, o_stride_s=out_a.strides[1] // es, o_stride_h=out_a.strides[2] // es,
-            lse_stride_b=lse_a.strides[0] // 4, lse_stride_h=lse_a.strides[1] // 4, lse_stride_s=lse_a.strides[2] // 4,
-            num_splits=a["num_splits"].data.ptr, o_accum=o_accum.data.ptr, lse_accum=lse_accum.data.ptr,
-            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m)
-        decode = _params.pack(
-            _params.DECODE_PARAMS, **common,
-            q=qa.data.ptr, kv=kv.data.ptr, block_table=a["block_table"].data.ptr,
-            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
-            q_stride_b=qa.strides[0] // es, q_stride_s=qa.strides[1] // es, q_stride_h=qa.strides[2] // es,
-            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es, kv_stride_head=kv.strides[2] // es,
-            bt_stride_b=a["block_table"].strides[0] // 4,
-            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
-            scale_log2=pb.softmax_scale * _LOG2E)
-        combine = _params.pack(_params.COMBINE_PARAMS, **{k: common[k] for k in _params.COMBINE_PARAMS.names})
-        num_m_blocks = -(-pb.m // cfg.m_tile)
-        _launch.launch_decode(ctx.device_id, ctx.stream, variant, cfg, decode, num_m_blocks, pb.h_kv, pb.num_sm_parts)
-        _launch.launch_combine(ctx.device_id, ctx.stream, variant, combine, pb.batch, pb.h_kv, pb.m)
-    return ctx.export(out_a), ctx.export(lse_a)
+    out_a = a["out"] if a["out"] is not None else cupy.empty(
+        (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), dtype=qa.dtype)
+    lse_a = a["lse"] if a["lse"] is not None else cupy.empty((pb.batch, pb.h_q, pb.s_q), dtype=np.float32)
+    o_accum, lse_accum = _workspace(ctx, pb)
+    es = qa.itemsize
+    common = dict(
+        out=out_a.data.ptr, lse=lse_a.data.ptr,
+        o_stride_b=out_a.strides[0] // es, o_stride_s=out_a.strides[1] // es, o_stride_h=out_a.strides[2] // es,
+        lse_stride_b=lse_a.strides[0] // 4, lse_stride_h=lse_a.strides[1] // 4, lse_stride_s=lse_a.strides[2] // 4,
+        num_splits=a["num_splits"].data.ptr, o_accum=o_accum.data.ptr, lse_accum=lse_accum.data.ptr,
+        batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m)
+    decode = _params.pack(
+        _params.DECODE_PARAMS, **common,
+        q=qa.data.ptr, kv=kv.data.ptr, block_table=a["block_table"].data.ptr,
+        seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
+        q_stride_b=qa.strides[0] // es, q_stride_s=qa.strides[1] // es, q_stride_h=qa.strides[2] // es,
+        kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es, kv_stride_head=kv.strides[2] // es,
+        bt_stride_b=a["block_table"].strides[0] // 4,
+        s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
+        scale_log2=pb.softmax_scale * _LOG2E)
+    combine = _params.pack(_params.COMBINE_PARAMS, **{k: common[k] for k in _params.COMBINE_PARAMS.names})
+    num_m_blocks = -(-pb.m // cfg.m_tile)
+    _launch.launch_decode(ctx.device_id, ctx.stream, variant, cfg, decode, num_m_blocks, pb.h_kv, pb.num_sm_parts)
+    _launch.launch_combine(ctx.device_id, ctx.stream, variant, combine, pb.batch, pb.h_kv, pb.m)
+    return out_a, lse_a
 
 
 def _import(named, stream):
@@ -280,7 +293,7 @@ def show_config(file=None):
             n = cupy.cuda.runtime.getDeviceCount()
             for i in range(n):
                 props = cupy.cuda.runtime.getDeviceProperties(i)
-                cc, sms, smem = _launch.device_info(i)
+                cc, sms, smem, _ = _launch.device_info(i)
                 lines.append(f"device {i}: {props['name'].decode()}, sm_{cc}, {sms} SMs, "
                              f"{smem // 1024} KB shared memory per block")
         except Exception as exc:  # noqa: BLE001

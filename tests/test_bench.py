@@ -268,3 +268,17 @@ def test_import_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_impossible_timings_are_flagged():
+    cfg = bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096)
+    _, nbytes = bench.config_work(cfg)
+    assert bench.beats_roof(nbytes, 1.3, 4.5)
+    assert not bench.beats_roof(nbytes, 158.0, 4.5)
+    assert not bench.beats_roof(nbytes, 1.3, None)
+    fast = bench.summarize_times([1.3], [60.0], True)
+    slow = bench.summarize_times([158.0], [60.0], True)
+    rec = bench.make_result(cfg, slow, fast, bw_roof_tbps=4.5)
+    assert rec["suspect"].startswith("FlashMLA faster than the read roof")
+    assert "timing suspect" in bench.format_row(rec, bench.table_columns(20))
+    assert bench.make_result(cfg, slow, slow, bw_roof_tbps=4.5)["suspect"] is None

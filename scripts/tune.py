@@ -1,0 +1,88 @@
+"""Decode-kernel configuration sweep: times (tile rows, stages, CTAs per SM) choices per shape.
+
+Not a benchmark of the public path (see ``python -m mla_cupy.bench``): it drives the internal
+launch layer directly so configurations the selector would not pick can be compared in one run.
+Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/tune.py
+"""
+import sys
+
+import cupy
+import numpy as np
+
+from mla_cupy import _compile, _interop, _launch, _validate, interface
+from mla_cupy.scheduler import num_sm_parts
+
+D, DV, PAGE = 576, 512, 64
+
+
+def make(b, s_q, h_q, sk, n_caches):
+    nb = b * sk // PAGE
+    caches = []
+    for _ in range(n_caches):
+        kc = (cupy.random.standard_normal((nb, PAGE, 1, D), dtype=cupy.float32) * 0.1).astype(cupy.float16)
+        bt = cupy.random.permutation(nb).astype(cupy.int32).reshape(b, -1)
+        caches.append((kc, bt))
+    q = (cupy.random.standard_normal((b, s_q, h_q, D), dtype=cupy.float32) * 0.1).astype(cupy.float16)
+    sl = cupy.full((b,), sk, dtype=cupy.int32)
+    return q, caches, sl
+
+
+def time_cfg(q, caches, sl, cfg, parts, iters=30):
+    arrays0, ctx = _interop.import_arrays({"q": q, "cache_seqlens": sl})
+    sched, ns = interface._run_metadata(ctx, sl, parts)
+    runs = []
+    for kc, bt in caches:
+        a = {"q": q, "k_cache": kc, "block_table": bt, "cache_seqlens": sl, "tile_scheduler_metadata": sched,
+             "num_splits": ns, "out": None, "lse": None}
+        pb = _validate.check_decode_args(q, kc, bt, sl, DV, sched, ns, None, True, False, None, None, None)
+        runs.append((a, pb))
+    for a, pb in runs:  # warm-up / compile
+        interface._run_decode(ctx, a, pb, cfg)
+    e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+    e0.record()
+    for i in range(iters):
+        a, pb = runs[i % len(runs)]
+        interface._run_decode(ctx, a, pb, cfg)
+    e1.record()
+    e1.synchronize()
+    return cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / iters
+
+
+def main():
+    dev = cupy.cuda.runtime.getDevice()
+    cc, sms, smem, smem_sm = _launch.device_info(dev)
+    print(f"sm_{cc}, {sms} SMs, {smem} B smem/block")
+    shapes = [(128, 1, 16, 4096), (128, 1, 64, 4096), (128, 2, 128, 4096), (128, 1, 128, 4096)]
+    print(f"{'shape':<22}{'m_tile':>7}{'stages':>7}{'cta/sm':>7}{'us':>9}{'TB/s':>7}{'TFLOP/s':>9}")
+    for b, s_q, h_q, sk in shapes:
+        q, caches, sl = make(b, s_q, h_q, sk, 2)
+        m = s_q * h_q
+        for m_tile in _compile.M_TILES:
+            if m_tile < 64 and m > 64:
+                continue
+            for stages in (2, 3, 4):
+                smem_b = _compile.decode_smem_bytes(D, m_tile, stages)
+                if smem_b > smem:
+                    continue
+                threads = 32 * (m_tile // 16) * (2 if m_tile == 64 else 4)
+                cfg = _compile.DecodeConfig(m_tile, stages, threads, smem_b)
+                default = _compile.decode_config(D, m, smem, smem_sm)
+                per_sm = max(1, min(4, smem_sm // (smem_b + 1024)))
+                for ctas in sorted({1, per_sm}):
+                    parts = num_sm_parts(sms * ctas, m, 1)
+                    try:
+                        t = time_cfg(q, caches, sl, cfg, parts)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"b{b} s_q{s_q} h{h_q}: {m_tile} {stages} {ctas} failed: {exc}")
+                        continue
+                    tb = b * sk * D * 2 / t / 1e6
+                    tf = b * s_q * h_q * sk * 2 * (D + DV) / t / 1e6
+                    mark = " <- default" if (m_tile, stages, ctas) == (default.m_tile, default.stages, default.ctas_per_sm) else ""
+                    print(f"{f'b{b} s_q{s_q} h{h_q} s{sk}':<22}{m_tile:>7}{stages:>7}{ctas:>7}{t:>9.1f}{tb:>7.2f}{tf:>9.1f}{mark}")
+        del q, caches
+        cupy.get_default_memory_pool().free_all_blocks()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Compile lane: every kernel module builds with NVRTC for sm_80 and sm_90a, no GPU needed."""
+
+import re
+
+import pytest
+
+from mla_cupy import _compile, _params
+from mla_cupy.support import DTYPES, HEAD_DIMS
+
+pytestmark = pytest.mark.compile
+
+ARCHS = ("sm_80", "sm_90a")
+VARIANTS = _compile.all_variants()
+
+
+def test_variant_set_covers_every_supported_problem():
+    names = {v.name for v in VARIANTS}
+    assert "metadata" in names
+    for dtype in DTYPES:
+        tag = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+        for d, dv in HEAD_DIMS:
+            for m_tile in _compile.M_TILES:
+                assert any(n.startswith(f"decode_{tag}_d{d}_dv{dv}_m{m_tile}_") for n in names), (dtype, d, m_tile)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_variant_compiles(variant, arch):
+    build = _compile.compile_offline(variant, arch)
+    assert build.cubin[:4] == b"\x7fELF"
+    assert set(build.lowered_names) == set(variant.name_expressions)
+    # No kernel may spill registers or use a stack frame: both would silently cost bandwidth.
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", build.log)
+    assert frames, build.log
+    for frame, stores, loads in frames:
+        assert (int(frame), int(stores), int(loads)) == (0, 0, 0), build.log
+
+
+def test_decode_config_fits_shared_memory():
+    reserved = _compile.SMEM_RESERVED_PER_CTA
+    for smem_block, smem_sm in _compile.SMEM_CLASSES:
+        for d, _ in HEAD_DIMS:
+            for m in (1, 16, 17, 32, 33, 64, 128, 2048):
+                cfg = _compile.decode_config(d, m, smem_block, smem_sm)
+                assert cfg is not None
+                assert cfg.m_tile >= min(m, 64) or cfg.smem_bytes + 2 * 1024 > smem_block
+                assert 2 <= cfg.stages <= _compile.MAX_STAGES
+                assert cfg.smem_bytes == _compile.decode_smem_bytes(d, cfg.m_tile, cfg.stages)
+                assert cfg.smem_bytes <= smem_block
+                assert cfg.ctas_per_sm * (cfg.smem_bytes + reserved) <= smem_sm
+                assert cfg.ctas_per_sm == _compile.ctas_per_sm(m, smem_sm)
+    # Two CTAs per SM for 16-row problems on a 228 KB SM, one for 64-row ones.
+    assert _compile.ctas_per_sm(16, 233472) == 2 and _compile.ctas_per_sm(64, 233472) == 1
+    # 64 KB is too little for any tile at head_dim 576.
+    assert _compile.decode_config(576, 16, 64 * 1024) is None
+
+
+def test_param_struct_offsets_match_numpy_dtypes():
+    expected = [off for _, _, off in _params.expected_offsets()]
+    assert _compile.probe_param_offsets() == expected
+
+
+def test_translation_unit_names_version_and_source_hash():
+    tu = _compile.translation_unit()
+    first = tu.splitlines()[0]
+    assert _compile.source_digest() in first
+    assert len(_compile.source_digest()) == 64
+    for name in _compile.KERNEL_FILES:
+        assert f"// ---- {name} ----" in tu
+
+
+def test_source_hash_sees_every_kernel_file(monkeypatch):
+    base = _compile.source_digest()
+    original = _compile._sources()
+    for i, (name, text) in enumerate(original):
+        changed = original[:i] + ((name, text + "\n// edited\n"),) + original[i + 1:]
+        _compile.source_digest.cache_clear()
+        monkeypatch.setattr(_compile, "_sources", lambda changed=changed: changed)
+        assert _compile.source_digest() != base, name
+    monkeypatch.undo()
+    _compile.source_digest.cache_clear()
+    assert _compile.source_digest() == base
+
+
+def test_bad_source_raises_compile_error_with_log():
+    bad = _compile.Variant("bad", ("mla::decode_kernel<576, 512, 48, 2, true>",))  # M_TILE 48 is rejected
+    with pytest.raises(_compile.CompileError) as info:
+        _compile.compile_offline(bad, "sm_80")
+    assert "M_TILE" in info.value.log
