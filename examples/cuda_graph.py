@@ -62,9 +62,11 @@ def main():
     block_table = cp.asarray(host.block_table)
     cache_seqlens = cp.asarray(host.cache_seqlens)
     # Per layer: its queries and its own KV pool (layer 0 reuses the generated one).
-    qs = [cp.asarray(host.q)] + [cp.asarray(random_host(host.q.shape)) for _ in range(num_layers - 1)]
-    k_caches = [cp.asarray(host.k_cache)] + [cp.asarray(random_host(host.k_cache.shape))
-                                             for _ in range(num_layers - 1)]
+    qs = [cp.asarray(host.q)]
+    k_caches = [cp.asarray(host.k_cache)]
+    for _ in range(num_layers - 1):
+        qs.append(cp.asarray(random_host(host.q.shape)))
+        k_caches.append(cp.asarray(random_host(host.k_cache.shape)))
     # Preallocated results: the graph writes here on every replay.
     outs = [cp.empty((b, s_q, h_q, dv), dtype=dtype) for _ in range(num_layers)]
     lses = [cp.empty((b, h_q, s_q), dtype=cp.float32) for _ in range(num_layers)]

@@ -65,8 +65,8 @@ def run_on_gpu(rng):
           f"seqlens {host.cache_seqlens.tolist()}; vs float64 reference: "
           f"out max |error| {report.out_max_abs_error:.2e}, "
           f"cosine difference {report.out_cos_diff:.1e}, lse max |error| "
-          f"{report.lse_max_abs_error:.2e}; first call {first_call * 1e3:.0f} ms (includes compiling "
-          f"the kernels or loading them from the disk cache)")
+          f"{report.lse_max_abs_error:.2e}; first call {first_call * 1e3:.0f} ms (includes "
+          f"compiling the kernels or loading them from the disk cache)")
 
 
 def run_reference_only(rng):

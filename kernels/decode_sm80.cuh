@@ -8,9 +8,12 @@
 // O += P V. A request owned whole is written to out / lse; a slice goes to the fp32 partial
 // buffers o_accum / lse_accum for the combine kernel.
 //
-// Warp layout: WM warps along the 16-row groups of M_TILE, WN warps share each row group. The
-// WN warps of a group split the BN tokens of S (TPW each) and the DV columns of O (CPW each);
-// their row maxima and sums meet in shared memory, and P (16-bit) is exchanged through sP.
+// Warp layout: each warp owns MT 16-row mma tiles (16 * MT query rows); WM = M_TILE / (16 * MT)
+// warps cover the tile's rows and WN warps share each row group. The WN warps of a group split
+// the BN tokens of S (TPW each) and the DV columns of O (CPW each); their row maxima and sums
+// meet in shared memory, and P (16-bit) is exchanged through sP. Owning two m-tiles lets a warp
+// reuse every K and V fragment it loads twice, which is what bounds the 64-row tile: the kernel
+// is limited by shared-memory reads (ldmatrix), not by the tensor cores.
 //
 // Shared memory: sQ [M_TILE][D] and STAGES KV tiles [BN][D], all rows made of 16-byte chunks
 // swizzled within 128-byte groups (chunk ^ (row & 7)) so ldmatrix is conflict-free; sP
@@ -19,36 +22,40 @@
 
 namespace mla {
 
-template <int D_, int DV_, int M_TILE_, int STAGES_>
+template <int D_, int DV_, int M_TILE_, int STAGES_, int WN_, int MT_, int BN_>
 struct DecodeTraits {
   static constexpr int D = D_, DV = DV_, M_TILE = M_TILE_, STAGES = STAGES_;
-  static constexpr int BN = 32;                       // KV tokens per pipeline stage
-  static constexpr int WM = M_TILE / 16;              // warps along query rows
-  static constexpr int WN = M_TILE == 64 ? 2 : 4;     // warps sharing a 16-row group
+  static constexpr int BN = BN_;                      // KV tokens per pipeline stage
+  static constexpr int MT = MT_;                      // 16-row mma tiles per warp
+  static constexpr int WM = M_TILE / (16 * MT);       // warps along query rows
+  static constexpr int WN = WN_;                      // warps sharing a row group
   static constexpr int NWARPS = WM * WN;
   static constexpr int NTHREADS = 32 * NWARPS;
   static constexpr int TPW = BN / WN;                 // S tokens per warp
   static constexpr int NT_S = TPW / 8;                // n8 tiles of S per warp
-  static constexpr int KSPLIT = NT_S == 1 ? 4 : 2;    // independent S accumulator chains
+  static constexpr int KSPLIT = MT * NT_S >= 4 ? 1 : 4 / (MT * NT_S);  // S accumulator chains: >= 4 in all
+  static constexpr int PV_UNROLL = MT == 1 ? BN / 16 : 1;  // P V k-steps unrolled (registers allowing)
   static constexpr int CPW = DV / WN;                 // O columns per warp
   static constexpr int NT_O = CPW / 8;                // n8 tiles of O per warp
   static constexpr int CHUNKS = D / 8;                // 16-byte chunks per K/Q row
   static constexpr int P_STRIDE = BN + 8;             // sP row stride (elements), padded
   static constexpr int THREADS_PER_TOKEN = NTHREADS / BN;
+  static constexpr int LOADS_PER_THREAD = (CHUNKS + THREADS_PER_TOKEN - 1) / THREADS_PER_TOKEN;
   static constexpr int Q_BYTES = M_TILE * D * 2;
   static constexpr int KV_STAGE_BYTES = BN * D * 2;
   static constexpr int P_BYTES = M_TILE * P_STRIDE * 2;
   static constexpr int STAT_BYTES = 2 * WN * M_TILE * 4;
   static constexpr int SMEM_BYTES = Q_BYTES + STAGES * KV_STAGE_BYTES + P_BYTES + STAT_BYTES;
 
-  static_assert(M_TILE == 16 || M_TILE == 32 || M_TILE == 64, "M_TILE must be 16, 32 or 64");
+  static_assert(M_TILE % (16 * MT) == 0 && M_TILE <= 64, "M_TILE is a multiple of the warp's rows");
+  static_assert(MT == 1 || MT == 2, "a warp owns one or two 16-row mma tiles");
   static_assert(STAGES >= 2, "the pipeline needs at least two stages");
   static_assert(D % 64 == 0, "swizzle works on groups of 8 chunks: D must be a multiple of 64");
   static_assert(DV <= D && DV % 8 == 0, "V is the first DV columns of K");
   static_assert(NT_S == 1 || NT_S == 2, "S tiles per warp are loaded with ldmatrix x2 or x4");
   static_assert(NT_O % 2 == 0, "O tiles are loaded in pairs by ldmatrix x4.trans");
-  static_assert(NTHREADS % BN == 0 && CHUNKS % THREADS_PER_TOKEN == 0, "KV load mapping");
-  static_assert(BN % 16 == 0, "P V consumes 16 tokens per mma");
+  static_assert(NTHREADS % BN == 0, "KV load mapping: whole threads per token");
+  static_assert(BN % 16 == 0 && 64 % BN == 0, "P V takes 16 tokens per mma; tiles align to 64-token blocks");
   static_assert((D / 16) % KSPLIT == 0, "k-steps split evenly over the S accumulators");
 };
 
@@ -58,10 +65,10 @@ MLA_DEVICE uint32_t swz(int row, int chunk) {
   return uint32_t((row * CHUNKS + (chunk ^ (row & 7))) * 16);
 }
 
-template <int D, int DV, int M_TILE, int STAGES, bool IsBf16>
-__global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS, 1)
+template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, bool IsBf16>
+__global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>::NTHREADS, 1)
     decode_kernel(const __grid_constant__ DecodeParams p) {
-  using T = DecodeTraits<D, DV, M_TILE, STAGES>;
+  using T = DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>;
   extern __shared__ __align__(128) uint8_t smem[];
   if (threadIdx.x == 0 && dynamic_smem_bytes() < uint32_t(T::SMEM_BYTES)) __trap();
 
@@ -77,7 +84,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
   const int g = lane >> 2, t4 = lane & 3;          // mma fragment coordinates
   const int m_block = blockIdx.x, hk = blockIdx.y, part = blockIdx.z;
   const int row0 = m_block * M_TILE;               // first packed query row of this CTA
-  const int wrow = rg * 16;                        // warp's first row inside the tile
+  const int wrow = rg * 16 * MT;                   // warp's first row inside the tile
 
   const int32_t* sched = p.sched + part * 8;
   const int begin_req = sched[0], end_req = sched[1];
@@ -88,12 +95,12 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
 
   for (int req = begin_req; req <= end_req; ++req) {
     const int seqlen = p.seqlens[req];
-    int tok_begin = req == begin_req ? begin_block * 64 : 0;
+    const int tok_begin = req == begin_req ? begin_block * 64 : 0;
     int tok_end = req == end_req ? min(end_block * 64, seqlen) : seqlen;
     // Causal: the last row of this tile sees keys up to seqlen - s_q + i_max.
     const int i_max = (min(row0 + M_TILE, p.m) - 1) / p.ngroups;
     if (p.causal) tok_end = min(tok_end, seqlen - p.s_q + i_max + 1);
-    const int n_tiles = tok_end > tok_begin ? (tok_end - tok_begin + T::BN - 1) / T::BN : 0;
+    const int n_tiles = tok_end > tok_begin ? (tok_end - tok_begin + BN - 1) / BN : 0;
     const int split_idx = req == begin_req ? begin_split : 0;
     const int split_base = p.num_splits[req];
     const bool whole = p.num_splits[req + 1] - split_base == 1;
@@ -115,7 +122,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
     // The block-table lookup of a tile is issued one iteration before its copies, so the
     // dependent global load never stalls the warp in front of the math.
     auto tile_src = [&](int tile) -> const char* {
-      const int tok = tok_begin + tile * T::BN + ld_tok;
+      const int tok = tok_begin + tile * BN + ld_tok;
       if (tile >= n_tiles || tok >= tok_end) return nullptr;
       const int page = tok / p.page_size;
       const int64_t blk = bt_row[page];
@@ -125,9 +132,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
     auto issue_tile = [&](const char* src, int stage) {
       const uint32_t dst = sKV_addr + stage * T::KV_STAGE_BYTES;
 #pragma unroll
-      for (int j = 0; j < T::CHUNKS / T::THREADS_PER_TOKEN; ++j) {
+      for (int j = 0; j < T::LOADS_PER_THREAD; ++j) {
         const int c = ld_sub + j * T::THREADS_PER_TOKEN;
-        cp_async_16(dst + swz<T::CHUNKS>(ld_tok, c), src ? src + c * 16 : kv_base, src ? 16 : 0);
+        if (T::CHUNKS % T::THREADS_PER_TOKEN == 0 || c < T::CHUNKS)
+          cp_async_16(dst + swz<T::CHUNKS>(ld_tok, c), src ? src + c * 16 : kv_base, src ? 16 : 0);
       }
     };
 
@@ -138,16 +146,20 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
     }
     const char* next_src = tile_src(STAGES - 1);
 
-    // ---- per-thread softmax state for rows wrow + g and wrow + g + 8 ---------------------------
-    float o[T::NT_O][4];
+    // ---- per-thread softmax state: rows wrow + mt * 16 + g + 8 * h, indexed r = 2 * mt + h ------
+    float o[MT][T::NT_O][4];
 #pragma unroll
-    for (int j = 0; j < T::NT_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
-    int vis_end[2];  // first invisible key of each of the thread's two rows (causal)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + wrow + g + 8 * h;
-      vis_end[h] = p.causal ? seqlen - p.s_q + min(row, p.m - 1) / p.ngroups + 1 : seqlen;
+      for (int j = 0; j < T::NT_O; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    float m_run[2 * MT], l_run[2 * MT];
+    int vis_end[2 * MT];  // first invisible key of each of the thread's rows (causal)
+#pragma unroll
+    for (int r = 0; r < 2 * MT; ++r) {
+      m_run[r] = neg_inf();
+      l_run[r] = 0.f;
+      const int row = row0 + wrow + (r >> 1) * 16 + g + 8 * (r & 1);
+      vis_end[r] = p.causal ? seqlen - p.s_q + min(row, p.m - 1) / p.ngroups + 1 : seqlen;
     }
 
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -161,21 +173,23 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
       }
       const uint32_t sK = sKV_addr + (tile % STAGES) * T::KV_STAGE_BYTES;
 
-      // ---- S = Q K^T for 16 rows x TPW tokens ---------------------------------------------------
+      // ---- S = Q K^T for 16 * MT rows x TPW tokens ----------------------------------------------
       // KSPLIT independent accumulators break the serial dependence of consecutive k-steps.
-      float s[T::NT_S][4], s_part[T::KSPLIT][T::NT_S][4];
+      float s[MT][T::NT_S][4], s_part[T::KSPLIT][MT][T::NT_S][4];
 #pragma unroll
       for (int u = 0; u < T::KSPLIT; ++u)
 #pragma unroll
-        for (int j = 0; j < T::NT_S; ++j) s_part[u][j][0] = s_part[u][j][1] = s_part[u][j][2] = s_part[u][j][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < T::NT_S; ++j)
+            s_part[u][mt][j][0] = s_part[u][mt][j][1] = s_part[u][mt][j][2] = s_part[u][mt][j][3] = 0.f;
       const int n0 = wn * T::TPW;
 #pragma unroll 2
       for (int kb = 0; kb < D / 16; kb += T::KSPLIT) {
 #pragma unroll
         for (int u = 0; u < T::KSPLIT; ++u) {
           const int kk = kb + u;
-          uint32_t a[4], b[T::NT_S][2];
-          ldmatrix_x4(sQ_addr + swz<T::CHUNKS>(wrow + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1], a[2], a[3]);
+          uint32_t b[T::NT_S][2];
           if constexpr (T::NT_S == 2) {
             ldmatrix_x4(sK + swz<T::CHUNKS>(n0 + ((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)),
                         b[0][0], b[0][1], b[1][0], b[1][1]);
@@ -183,105 +197,122 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
             ldmatrix_x2(sK + swz<T::CHUNKS>(n0 + (lane & 7), kk * 2 + ((lane >> 3) & 1)), b[0][0], b[0][1]);
           }
 #pragma unroll
-          for (int j = 0; j < T::NT_S; ++j) mma_16816<IsBf16>(s_part[u][j], a, b[j]);
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t a[4];
+            ldmatrix_x4(sQ_addr + swz<T::CHUNKS>(wrow + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1],
+                        a[2], a[3]);
+#pragma unroll
+            for (int j = 0; j < T::NT_S; ++j) mma_16816<IsBf16>(s_part[u][mt][j], a, b[j]);
+          }
         }
       }
 #pragma unroll
-      for (int j = 0; j < T::NT_S; ++j)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float acc = s_part[0][j][e];
+        for (int j = 0; j < T::NT_S; ++j)
 #pragma unroll
-          for (int u = 1; u < T::KSPLIT; ++u) acc += s_part[u][j][e];
-          s[j][e] = acc;
-        }
+          for (int e = 0; e < 4; ++e) {
+            float acc = s_part[0][mt][j][e];
+#pragma unroll
+            for (int u = 1; u < T::KSPLIT; ++u) acc += s_part[u][mt][j][e];
+            s[mt][j][e] = acc;
+          }
 
       // ---- mask, scale to log2 units, tile row max --------------------------------------------
-      const int tile_tok = tok_begin + tile * T::BN + n0;
-      float mx[2] = {neg_inf(), neg_inf()};
+      const int tile_tok = tok_begin + tile * BN + n0;
+      float mx[2 * MT];
 #pragma unroll
-      for (int j = 0; j < T::NT_S; ++j) {
+      for (int r = 0; r < 2 * MT; ++r) mx[r] = neg_inf();
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1;
-          const int tok = tile_tok + j * 8 + 2 * t4 + (e & 1);
-          const bool ok = tok < tok_end && tok < vis_end[h];
-          s[j][e] = ok ? s[j][e] * p.scale_log2 : neg_inf();
-          mx[h] = fmaxf(mx[h], s[j][e]);
-        }
-      }
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        for (int j = 0; j < T::NT_S; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * mt + (e >> 1);
+            const int tok = tile_tok + j * 8 + 2 * t4 + (e & 1);
+            const bool ok = tok < tok_end && tok < vis_end[r];
+            s[mt][j][e] = ok ? s[mt][j][e] * p.scale_log2 : neg_inf();
+            mx[r] = fmaxf(mx[r], s[mt][j][e]);
+          }
+#pragma unroll
+      for (int r = 0; r < 2 * MT; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        if (t4 == 0) sMax[wn * M_TILE + wrow + (r >> 1) * 16 + g + 8 * (r & 1)] = mx[r];
       }
-      if (t4 == 0) {
-        sMax[wn * M_TILE + wrow + g] = mx[0];
-        sMax[wn * M_TILE + wrow + g + 8] = mx[1];
-      }
-      named_barrier(1 + rg, 32 * T::WN);
+      named_barrier(1 + rg, 32 * WN);
 
-      float m_new[2], m_use[2], alpha[2], rs[2] = {0.f, 0.f};
+      float m_new[2 * MT], m_use[2 * MT], alpha[2 * MT], rs[2 * MT];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mt = m_run[h];
+      for (int r = 0; r < 2 * MT; ++r) {
+        float mt_max = m_run[r];
 #pragma unroll
-        for (int w = 0; w < T::WN; ++w) mt = fmaxf(mt, sMax[w * M_TILE + wrow + g + 8 * h]);
-        m_new[h] = mt;
-        m_use[h] = mt == neg_inf() ? 0.f : mt;  // a row with nothing visible yet stays at zero
-        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+        for (int w = 0; w < WN; ++w) mt_max = fmaxf(mt_max, sMax[w * M_TILE + wrow + (r >> 1) * 16 + g + 8 * (r & 1)]);
+        m_new[r] = mt_max;
+        m_use[r] = mt_max == neg_inf() ? 0.f : mt_max;  // a row with nothing visible yet stays at zero
+        alpha[r] = fast_exp2(m_run[r] - m_use[r]);
+        rs[r] = 0.f;
       }
 #pragma unroll
-      for (int j = 0; j < T::NT_S; ++j) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = fast_exp2(s[j][e] - m_use[e >> 1]);
-          rs[e >> 1] += s[j][e];
+        for (int j = 0; j < T::NT_S; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = 2 * mt + (e >> 1);
+            s[mt][j][e] = fast_exp2(s[mt][j][e] - m_use[r]);
+            rs[r] += s[mt][j][e];
+          }
+          const int col = n0 + j * 8 + 2 * t4;
+          const int prow = wrow + mt * 16 + g;
+          store_u32(sP + prow * T::P_STRIDE + col, pack2<IsBf16>(s[mt][j][0], s[mt][j][1]));
+          store_u32(sP + (prow + 8) * T::P_STRIDE + col, pack2<IsBf16>(s[mt][j][2], s[mt][j][3]));
         }
-        const int col = n0 + j * 8 + 2 * t4;
-        store_u32(sP + (wrow + g) * T::P_STRIDE + col, pack2<IsBf16>(s[j][0], s[j][1]));
-        store_u32(sP + (wrow + g + 8) * T::P_STRIDE + col, pack2<IsBf16>(s[j][2], s[j][3]));
+#pragma unroll
+      for (int r = 0; r < 2 * MT; ++r) {
+        rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 1);
+        rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 2);
+        if (t4 == 0) sSum[wn * M_TILE + wrow + (r >> 1) * 16 + g + 8 * (r & 1)] = rs[r];
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        rs[h] += __shfl_xor_sync(0xffffffffu, rs[h], 1);
-        rs[h] += __shfl_xor_sync(0xffffffffu, rs[h], 2);
-      }
-      if (t4 == 0) {
-        sSum[wn * M_TILE + wrow + g] = rs[0];
-        sSum[wn * M_TILE + wrow + g + 8] = rs[1];
-      }
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < T::NT_O; ++j) {
-        o[j][0] *= alpha[0];
-        o[j][1] *= alpha[0];
-        o[j][2] *= alpha[1];
-        o[j][3] *= alpha[1];
-      }
-      named_barrier(1 + rg, 32 * T::WN);
+        for (int j = 0; j < T::NT_O; ++j) {
+          o[mt][j][0] *= alpha[2 * mt];
+          o[mt][j][1] *= alpha[2 * mt];
+          o[mt][j][2] *= alpha[2 * mt + 1];
+          o[mt][j][3] *= alpha[2 * mt + 1];
+        }
+      named_barrier(1 + rg, 32 * WN);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int r = 0; r < 2 * MT; ++r) {
         float tsum = 0.f;
 #pragma unroll
-        for (int w = 0; w < T::WN; ++w) tsum += sSum[w * M_TILE + wrow + g + 8 * h];
-        l_run[h] = l_run[h] * alpha[h] + tsum;
-        m_run[h] = m_new[h];
+        for (int w = 0; w < WN; ++w) tsum += sSum[w * M_TILE + wrow + (r >> 1) * 16 + g + 8 * (r & 1)];
+        l_run[r] = l_run[r] * alpha[r] + tsum;
+        m_run[r] = m_new[r];
       }
 
       // ---- O += P V over this warp's CPW columns ------------------------------------------------
       const int c0 = wn * T::CPW;
+#pragma unroll(T::PV_UNROLL)
+      for (int kt = 0; kt < BN / 16; ++kt) {
+        uint32_t a[MT][4];
 #pragma unroll
-      for (int kt = 0; kt < T::BN / 16; ++kt) {
-        uint32_t a[4];
-        ldmatrix_x4(sP_addr + 2 * ((wrow + (lane & 15)) * T::P_STRIDE + kt * 16 + (lane >> 4) * 8), a[0], a[1], a[2],
-                    a[3]);
+        for (int mt = 0; mt < MT; ++mt)
+          ldmatrix_x4(sP_addr + 2 * ((wrow + mt * 16 + (lane & 15)) * T::P_STRIDE + kt * 16 + (lane >> 4) * 8),
+                      a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
         const int vtok = kt * 16 + (((lane >> 3) & 1) << 3) + (lane & 7);
 #pragma unroll
         for (int j = 0; j < T::NT_O / 2; ++j) {
           uint32_t b[4];
           ldmatrix_x4_trans(sK + swz<T::CHUNKS>(vtok, ((c0 + j * 16) >> 3) + (lane >> 4)), b[0], b[1], b[2], b[3]);
-          mma_16816<IsBf16>(o[2 * j], a, b);
-          mma_16816<IsBf16>(o[2 * j + 1], a, b + 2);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<IsBf16>(o[mt][2 * j], a[mt], b);
+            mma_16816<IsBf16>(o[mt][2 * j + 1], a[mt], b + 2);
+          }
         }
       }
     }
@@ -289,10 +320,11 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
 
     // ---- epilogue ---------------------------------------------------------------------------------
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + wrow + g + 8 * h;
+    for (int r = 0; r < 2 * MT; ++r) {
+      const int mt = r >> 1, h = r & 1;
+      const int row = row0 + wrow + mt * 16 + g + 8 * h;
       if (row >= p.m) continue;
-      const float inv_l = l_run[h] > 0.f ? 1.f / l_run[h] : 0.f;
+      const float inv_l = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
       const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
       if (whole) {
         char* orow = static_cast<char*>(p.out) +
@@ -300,11 +332,11 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
 #pragma unroll
         for (int j = 0; j < T::NT_O; ++j) {
           const int col = wn * T::CPW + j * 8 + 2 * t4;
-          store_u32(orow + 2 * col, pack2<IsBf16>(o[j][2 * h] * inv_l, o[j][2 * h + 1] * inv_l));
+          store_u32(orow + 2 * col, pack2<IsBf16>(o[mt][j][2 * h] * inv_l, o[mt][j][2 * h + 1] * inv_l));
         }
         if (wn == 0 && t4 == 0) {
           p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
-              l_run[h] > 0.f ? (m_run[h] + log2f(l_run[h])) * kLn2 : pos_inf();
+              l_run[r] > 0.f ? (m_run[r] + log2f(l_run[r])) * kLn2 : pos_inf();
         }
       } else {
         const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
@@ -312,10 +344,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES>::NTHREADS,
 #pragma unroll
         for (int j = 0; j < T::NT_O; ++j) {
           const int col = wn * T::CPW + j * 8 + 2 * t4;
-          *reinterpret_cast<float2*>(orow + col) = make_float2(o[j][2 * h] * inv_l, o[j][2 * h + 1] * inv_l);
+          *reinterpret_cast<float2*>(orow + col) = make_float2(o[mt][j][2 * h] * inv_l, o[mt][j][2 * h + 1] * inv_l);
         }
         if (wn == 0 && t4 == 0) {
-          p.lse_accum[slot * p.m + row] = l_run[h] > 0.f ? m_run[h] + log2f(l_run[h]) : neg_inf();
+          p.lse_accum[slot * p.m + row] = l_run[r] > 0.f ? m_run[r] + log2f(l_run[r]) : neg_inf();
         }
       }
     }

@@ -14,12 +14,22 @@ namespace mla {
 
 MLA_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Requests whose block counts are staged in shared memory; later ones are read from global.
+constexpr int kMetadataSmemRequests = 8192;
+
 __global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ MetadataParams p) {
+  __shared__ int blocks_smem[kMetadataSmemRequests];
   const int lane = threadIdx.x;
   const int B = p.block_tokens, F = p.fixed_overhead;
   int total = 0;
-  for (int i = lane; i < p.batch; i += 32) total += ceil_div(p.seqlens[i], B) + F;
+  for (int i = lane; i < p.batch; i += 32) {
+    const int blocks = ceil_div(p.seqlens[i], B);
+    if (i < kMetadataSmemRequests) blocks_smem[i] = blocks;
+    total += blocks + F;
+  }
   for (int off = 16; off >= 1; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+  __syncwarp();
+  auto blocks_of = [&](int i) { return i < kMetadataSmemRequests ? blocks_smem[i] : ceil_div(p.seqlens[i], B); };
 
   if (lane == 0) {
     const int payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
@@ -32,7 +42,7 @@ __global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ Me
       row[4] = now_split;
       int remain = payload;
       while (now_req < p.batch) {
-        const int left = ceil_div(p.seqlens[now_req], B) - now_block;
+        const int left = blocks_of(now_req) - now_block;
         if (remain >= left + F) {
           cum += now_split + 1;
           p.num_splits[now_req + 1] = cum;
@@ -53,7 +63,7 @@ __global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ Me
         row[3] = now_block;
       } else {
         row[1] = now_req - 1;
-        row[3] = now_req > 0 ? ceil_div(p.seqlens[now_req - 1], B) : 0;
+        row[3] = now_req > 0 ? blocks_of(now_req - 1) : 0;
       }
     }
   }

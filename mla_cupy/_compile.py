@@ -35,7 +35,6 @@ KERNEL_FILES = ("prelude.cuh", "params.cuh", "scheduler.cuh", "decode_sm80.cuh",
 NVRTC_OPTIONS = ("-std=c++17",)
 
 # Decode kernel tile constants (mirror kernels/decode_sm80.cuh DecodeTraits).
-KV_TILE_TOKENS = 32
 MAX_STAGES = 4
 M_TILES = (16, 32, 64)
 # Shared memory (opt-in per block, per SM) of the GPU classes the compile lane covers, bytes:
@@ -101,6 +100,9 @@ class DecodeConfig:
     threads: int
     smem_bytes: int
     ctas_per_sm: int = 1
+    warps_n: int = 4  # warps sharing each row group (DecodeTraits::WN)
+    m_tiles_per_warp: int = 1  # 16-row mma tiles each warp owns (DecodeTraits::MT)
+    kv_tile: int = 32  # KV tokens per pipeline stage (DecodeTraits::BN)
 
 
 def _dtype_tag(dtype):
@@ -114,19 +116,28 @@ def metadata_variant():
 def decode_variant(dtype, head_dim, head_dim_v, cfg):
     bf16 = "true" if dtype == "bfloat16" else "false"
     return Variant(
-        f"decode_{_dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_m{cfg.m_tile}_s{cfg.stages}",
+        f"decode_{_dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_m{cfg.m_tile}_s{cfg.stages}"
+        f"_w{cfg.warps_n}_t{cfg.m_tiles_per_warp}_n{cfg.kv_tile}",
         (
-            f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {bf16}>",
+            f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {cfg.warps_n}, "
+            f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}, {bf16}>",
             f"mla::combine_kernel<{head_dim_v}, {bf16}>",
         ),
     )
 
 
-def decode_smem_bytes(head_dim, m_tile, stages):
-    wn = 2 if m_tile == 64 else 4
+def decode_layout(m_tile):
+    """(warps_n, m_tiles_per_warp, kv_tile) of a tile: 16/32-row tiles use 16-row warps in
+    groups of four over 32-token stages; the 64-row tile uses 32-row warps (two m16 tiles, so
+    each K/V fragment feeds two mma) in groups of four over 64-token stages."""
+    return (4, 2, 64) if m_tile == 64 else (4, 1, 32)
+
+
+def decode_smem_bytes(head_dim, m_tile, stages, layout=None):
+    wn, _, bn = decode_layout(m_tile) if layout is None else layout
     q = m_tile * head_dim * 2
-    kv = KV_TILE_TOKENS * head_dim * 2
-    p = m_tile * (KV_TILE_TOKENS + 8) * 2
+    kv = bn * head_dim * 2
+    p = m_tile * (bn + 8) * 2
     stats = 2 * wn * m_tile * 4
     return q + stages * kv + p + stats
 
@@ -156,11 +167,12 @@ def decode_config(head_dim, m, smem_per_block, smem_per_sm=None):
     budget = smem_per_block if occ == 1 else min(smem_per_block, smem_per_sm // occ - SMEM_RESERVED_PER_CTA)
     m_tile = next((t for t in M_TILES if m <= t), M_TILES[-1])
     while True:
+        wn, mt, bn = decode_layout(m_tile)
         fixed = decode_smem_bytes(head_dim, m_tile, 0)
-        stages = min(MAX_STAGES, (budget - fixed) // (KV_TILE_TOKENS * head_dim * 2))
+        stages = min(MAX_STAGES, (budget - fixed) // (bn * head_dim * 2))
         if stages >= 2:
-            threads = 32 * (m_tile // 16) * (2 if m_tile == 64 else 4)
-            return DecodeConfig(m_tile, stages, threads, decode_smem_bytes(head_dim, m_tile, stages), occ)
+            threads = 32 * (m_tile // (16 * mt)) * wn
+            return DecodeConfig(m_tile, stages, threads, decode_smem_bytes(head_dim, m_tile, stages), occ, wn, mt, bn)
         if m_tile == M_TILES[0]:
             return None
         m_tile = M_TILES[M_TILES.index(m_tile) - 1]

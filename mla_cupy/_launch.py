@@ -1,7 +1,8 @@
 """Launchers: grid, block, shared memory and stream for each kernel; nothing else.
 
 Arguments arrive validated (``_validate``) and packed (``_params``); modules come from
-``_compile.get_module``. Every launch goes to the stream given, never to an implicit one.
+``_compile.get_module``. Every launch names its stream explicitly (the loaded function's
+``stream=`` argument), never relying on CuPy's current stream.
 """
 
 import functools
@@ -24,35 +25,34 @@ def device_info(device_id):
             attrs["MaxSharedMemoryPerMultiprocessor"])
 
 
-_smem_set = set()
-
-
 def _kernel(device_id, variant, expr, smem_bytes=0):
-    fn = _compile.get_module(device_id, variant).get_function(expr)
+    """The loaded CUDA function (cupy.cuda.function.Function) of one kernel instantiation."""
     key = (device_id, variant.name, expr, smem_bytes)
-    if smem_bytes > 48 * 1024 and key not in _smem_set:
-        fn.max_dynamic_shared_size_bytes = smem_bytes
-        _smem_set.add(key)
+    fn = _functions.get(key)
+    if fn is None:
+        raw = _compile.get_module(device_id, variant).get_function(expr)
+        if smem_bytes > 48 * 1024:
+            raw.max_dynamic_shared_size_bytes = smem_bytes
+        fn = _functions[key] = raw.kernel
     return fn
+
+
+_functions = {}
 
 
 def launch_metadata(device_id, stream, params, num_sm_parts):
     """One warp builds the tile-scheduler metadata on the GPU."""
     variant = _compile.metadata_variant()
     fn = _kernel(device_id, variant, variant.name_expressions[0])
-    with stream:
-        fn((1,), (32,), (params,))
-
+    fn((1,), (32,), (params,), 0, stream)
 
 
 def launch_decode(device_id, stream, variant, cfg, params, num_m_blocks, h_kv, num_sm_parts):
     fn = _kernel(device_id, variant, variant.name_expressions[0], cfg.smem_bytes)
-    with stream:
-        fn((num_m_blocks, h_kv, num_sm_parts), (cfg.threads,), (params,), shared_mem=cfg.smem_bytes)
+    fn((num_m_blocks, h_kv, num_sm_parts), (cfg.threads,), (params,), cfg.smem_bytes, stream)
 
 
 def launch_combine(device_id, stream, variant, params, batch, h_kv, m):
     fn = _kernel(device_id, variant, variant.name_expressions[1])
     grid = (batch, h_kv, (m + COMBINE_ROWS_PER_CTA - 1) // COMBINE_ROWS_PER_CTA)
-    with stream:
-        fn(grid, (32 * COMBINE_ROWS_PER_CTA,), (params,))
+    fn(grid, (32 * COMBINE_ROWS_PER_CTA,), (params,), 0, stream)

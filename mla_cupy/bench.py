@@ -687,7 +687,7 @@ def measure_read_bw(cp, timer, sm_count, nbytes=4 * GIB, iters=10):
                     best_how = (f"{buf.nbytes / GIB:.0f} GiB read, 16 B loads, {unroll} in "
                                 f"flight, {grid[0]}x{threads}")
     finally:
-        del buf, sink
+        buf = sink = None
         cp.get_default_memory_pool().free_all_blocks()
     return best, best_how
 
@@ -873,7 +873,7 @@ def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peer)
             del t_sets, t_seqlens
         except Exception as exc:
             peer_error = short_error(exc)
-    del qs, ours_out
+    qs = ours_out = None
     ours = ours.summary() if ours is not None else None
     peer_t = peer_t.summary() if peer_t is not None else None
     return make_result(cfg, ours, peer_t, meta, diffs=diffs, error=error,

@@ -53,32 +53,36 @@ def main():
     cc, sms, smem, smem_sm = _launch.device_info(dev)
     print(f"sm_{cc}, {sms} SMs, {smem} B smem/block")
     shapes = [(128, 1, 16, 4096), (128, 1, 64, 4096), (128, 2, 128, 4096), (128, 1, 128, 4096)]
-    print(f"{'shape':<22}{'m_tile':>7}{'stages':>7}{'cta/sm':>7}{'us':>9}{'TB/s':>7}{'TFLOP/s':>9}")
+    print(f"{'shape':<22}{'m_tile':>7}{'stages':>7}{'cta/sm':>7}{'wn/mt/bn':>9}{'us':>9}{'TB/s':>7}{'TFLOP/s':>9}")
     for b, s_q, h_q, sk in shapes:
         q, caches, sl = make(b, s_q, h_q, sk, 2)
         m = s_q * h_q
+        default = _compile.decode_config(D, m, smem, smem_sm)
+        layouts = {16: [(4, 1, 32)], 32: [(4, 1, 32)], 64: [(2, 1, 32), (4, 2, 64)]}
         for m_tile in _compile.M_TILES:
             if m_tile < 64 and m > 64:
                 continue
-            for stages in (2, 3, 4):
-                smem_b = _compile.decode_smem_bytes(D, m_tile, stages)
-                if smem_b > smem:
-                    continue
-                threads = 32 * (m_tile // 16) * (2 if m_tile == 64 else 4)
-                cfg = _compile.DecodeConfig(m_tile, stages, threads, smem_b)
-                default = _compile.decode_config(D, m, smem, smem_sm)
-                per_sm = max(1, min(4, smem_sm // (smem_b + 1024)))
-                for ctas in sorted({1, per_sm}):
-                    parts = num_sm_parts(sms * ctas, m, 1)
-                    try:
-                        t = time_cfg(q, caches, sl, cfg, parts)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"b{b} s_q{s_q} h{h_q}: {m_tile} {stages} {ctas} failed: {exc}")
+            for wn, mt, bn in layouts[m_tile]:
+                for stages in (2, 3, 4):
+                    smem_b = _compile.decode_smem_bytes(D, m_tile, stages, (wn, mt, bn))
+                    if smem_b > smem:
                         continue
-                    tb = b * sk * D * 2 / t / 1e6
-                    tf = b * s_q * h_q * sk * 2 * (D + DV) / t / 1e6
-                    mark = " <- default" if (m_tile, stages, ctas) == (default.m_tile, default.stages, default.ctas_per_sm) else ""
-                    print(f"{f'b{b} s_q{s_q} h{h_q} s{sk}':<22}{m_tile:>7}{stages:>7}{ctas:>7}{t:>9.1f}{tb:>7.2f}{tf:>9.1f}{mark}")
+                    cfg = _compile.DecodeConfig(m_tile, stages, 32 * (m_tile // (16 * mt)) * wn, smem_b, 1, wn, mt, bn)
+                    per_sm = max(1, min(4, smem_sm // (smem_b + 1024)))
+                    for ctas in sorted({1, per_sm}):
+                        parts = num_sm_parts(sms * ctas, m, 1)
+                        try:
+                            t = time_cfg(q, caches, sl, cfg, parts)
+                        except Exception as exc:  # noqa: BLE001
+                            print(f"b{b} s_q{s_q} h{h_q}: {cfg} x{ctas} failed: {exc}")
+                            continue
+                        tb = b * sk * D * 2 / t / 1e6
+                        tf = b * s_q * h_q * sk * 2 * (D + DV) / t / 1e6
+                        is_default = (cfg.m_tile, cfg.stages, ctas, wn, mt, bn) == (
+                            default.m_tile, default.stages, default.ctas_per_sm, default.warps_n,
+                            default.m_tiles_per_warp, default.kv_tile)
+                        print(f"{f'b{b} s_q{s_q} h{h_q} s{sk}':<22}{m_tile:>7}{stages:>7}{ctas:>7}"
+                              f"{f'{wn}/{mt}/{bn}':>9}{t:>9.1f}{tb:>7.2f}{tf:>9.1f}{' <- default' if is_default else ''}")
         del q, caches
         cupy.get_default_memory_pool().free_all_blocks()
     return 0

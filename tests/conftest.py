@@ -29,11 +29,12 @@ def pytest_addoption(parser):
 
 @functools.lru_cache(maxsize=None)
 def gpu_status():
-    """Return ``(True, description)`` if CuPy sees a GPU mla_cupy supports, else ``(False, reason)``."""
+    """``(True, description)`` if CuPy sees a GPU mla_cupy supports, else ``(False, reason)``."""
     try:
         import cupy
     except Exception as exc:  # not installed, or a broken CUDA library
-        return False, f"no CUDA GPU visible to CuPy: cupy cannot be imported ({type(exc).__name__}: {exc})"
+        return False, (f"no CUDA GPU visible to CuPy: cupy cannot be imported "
+                       f"({type(exc).__name__}: {exc})")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # no driver, driver too old, no device

@@ -2,7 +2,6 @@
 
 import ast
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.cpu
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# --- work per call -----------------------------------------------------------------------------
+# --- work per call ---
 
 def test_flops_hand_computed():
     # two sequences of 3 and 5 tokens, s_q 2, h_q 4, d 8, dv 4:
@@ -55,7 +54,7 @@ def test_derive_rates():
     assert bench.derive_rates(1, 1, 10.0)[2:] == (None, None)
 
 
-# --- sweep ---------------------------------------------------------------------------------------
+# --- sweep ---
 
 def test_standard_sweep_contents():
     names = [c.name for c in bench.standard_sweep()]
@@ -111,7 +110,7 @@ def test_labels():
     assert bench.tokens_label(1000) == "1000"
 
 
-# --- input layout ----------------------------------------------------------------------------------
+# --- input layout ---
 
 def test_input_sets_cover_a_gib():
     for cfg in bench.standard_sweep():
@@ -137,7 +136,7 @@ def test_block_table_is_a_permutation_of_the_pool():
     assert (again != table).any()                                # random order
 
 
-# --- records, table, JSON ---------------------------------------------------------------------------
+# --- records, table, JSON ---
 
 def _sample_record(**overrides):
     cfg = bench.BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096, varlen=True)
@@ -228,7 +227,7 @@ def test_short_error():
     assert len(bench.short_error(RuntimeError("x" * 500), limit=50)) == 50
 
 
-# --- command line ----------------------------------------------------------------------------------
+# --- command line ---
 
 def test_parse_args_defaults(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
@@ -249,7 +248,7 @@ def test_select_configs_filter():
                                                               "b8 s_q1 h128 64K"]
 
 
-# --- imports ---------------------------------------------------------------------------------------
+# --- imports ---
 
 def test_module_level_imports_are_light():
     tree = ast.parse((ROOT / "mla_cupy" / "bench.py").read_text())

@@ -95,23 +95,20 @@ def decode(inp, causal, dev, meta=None, softmax_scale=None, buffers=False, **kwa
 def assert_inputs_unchanged(inp, dev, context):
     for name, host, device in zip(("q", "k_cache", "block_table", "cache_seqlens"),
                                   (inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens), dev):
-        assert device.get().tobytes() == host.tobytes(), f"{name} was modified: {context}"
+        # Compare the bits (NaN included) without copying gigabytes into bytes objects.
+        bits = f"u{host.dtype.itemsize}"
+        assert np.array_equal(device.get().view(bits), host.view(bits)), \
+            f"{name} was modified: {context}"
 
 
-def check_case(inp, causal, label, heads=None, softmax_scale=None, **kwargs):
-    """Decode ``inp`` on the GPU and compare with the float64 reference (on ``heads`` only,
-    when given: the reference of very long sequences is costly)."""
+def check_case(inp, causal, label, softmax_scale=None, **kwargs):
+    """Decode ``inp`` on the GPU, check the inputs are untouched, compare with the reference."""
     context = describe(inp, causal, label)
     dev = to_device(inp)
     out, lse = decode(inp, causal, dev, softmax_scale=softmax_scale, **kwargs)
     assert_inputs_unchanged(inp, dev, context)
-    q = inp.q
-    if heads is not None:
-        assert inp.k_cache.shape[2] == 1, "a head subset needs h_kv = 1"
-        assert np.isfinite(out.astype(np.float32)).all(), f"non-finite out: {context}"
-        q, out, lse = q[:, :, heads], out[:, :, heads], lse[:, heads]
     out_ref, lse_ref = flash_mla_with_kvcache_reference(
-        q, inp.k_cache, inp.block_table, inp.cache_seqlens, inp.head_dim_v,
+        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, inp.head_dim_v,
         softmax_scale=softmax_scale, causal=causal)
     assert_mla_close(out, lse, out_ref, lse_ref, std=inp.std, msg=context)
 
@@ -202,8 +199,8 @@ def test_large_batch_many_rows():
 def test_one_million_tokens():
     inp = make_decode_inputs(1, 1, 128, page_block_size=64, seqlens=[1 << 20],
                              seed=case_seed("1M"))
-    # The float64 reference of 1M tokens is computed for a few heads only.
-    check_case(inp, True, "b=1, 1M tokens", heads=[0, 1, 63, 127])
+    # The reference walks the keys in chunks: a few seconds and a few hundred MB of float64.
+    check_case(inp, True, "b=1, 1M tokens")
 
 
 # ---------------------------------------------------------------------------------------------

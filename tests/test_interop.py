@@ -222,8 +222,10 @@ def test_library_code_has_no_assert():
 
 gpu = pytest.mark.gpu  # conftest.py skips these, with the reason, where no usable GPU exists
 
-# ~0.1 s of spinning on an H200-class clock: long enough that a missing stream wait shows.
+# ~0.2 s of spinning on an H200: long enough that a missing stream wait shows. Every kernel the
+# ordering tests use is run once beforehand, so no first-use compile delays the host past the spin.
 SPIN_CYCLES = 200_000_000
+N = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +245,11 @@ def spin_then_fill():
     def launch(out, value, cycles=SPIN_CYCLES):
         kernel((64,), (256,), (out, np.int64(out.size), np.int64(cycles), np.float32(value)))
 
+    warm = cupy.zeros(N, cupy.float32)
+    launch(warm, 1.0, cycles=1)
+    with cupy.cuda.Stream(non_blocking=True):
+        float(warm.copy().max())
+    cupy.cuda.runtime.deviceSynchronize()
     return launch
 
 
@@ -251,6 +258,10 @@ def torch_cuda():
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch sees no CUDA device")
+    warm = torch.zeros(N, device="cuda")
+    torch.cuda._sleep(1)
+    warm.fill_(1.0).clone()
+    torch.cuda.synchronize()
     return torch
 
 
@@ -329,13 +340,19 @@ def test_torch_round_trip(torch_cuda):
     assert ctx.stream.ptr == torch.cuda.current_stream().cuda_stream
     assert arrays["x"].data.ptr == x.data_ptr() and arrays["x"].shape == (3, 4)
     assert arrays["b"].dtype.name == "bfloat16" and arrays["b"].data.ptr == b.data_ptr()
-    assert ctx.keepalive and all(k is x or k is b for k in ctx.keepalive)
+    assert len(ctx.keepalive) == 2 and ctx.keepalive[0] is x and ctx.keepalive[1] is b
     with ctx.activate():
         doubled = arrays["x"] * 2
     result = ctx.export(doubled)
     assert isinstance(result, torch.Tensor) and result.device == x.device
     assert result.data_ptr() == doubled.data.ptr
     assert torch.equal(result, x * 2)
+
+    # Strided views and tensors that require grad come through as they are, zero-copy.
+    w = torch.ones(4, 6, device="cuda", requires_grad=True)
+    arrays, _ = import_arrays({"t": x.t(), "w": w})
+    assert arrays["t"].strides == (4, 16) and arrays["t"].data.ptr == x.data_ptr()
+    assert arrays["w"].data.ptr == w.data_ptr()
 
 
 @gpu
@@ -351,9 +368,8 @@ def test_torch_errors(torch_cuda):
 def test_torch_side_stream_is_picked_up(torch_cuda, spin_then_fill):
     torch = torch_cuda
     side = torch.cuda.Stream()
-    n = 1 << 20
     with torch.cuda.stream(side):
-        x = torch.zeros(n, device="cuda")
+        x = torch.zeros(N, device="cuda")
         torch.cuda._sleep(SPIN_CYCLES)
         x.fill_(3.0)
         arrays, ctx = import_arrays({"x": x})
@@ -365,13 +381,12 @@ def test_torch_side_stream_is_picked_up(torch_cuda, spin_then_fill):
 
 
 @gpu
-def test_torch_work_is_ordered_before_an_explicit_stream(torch_cuda):
+def test_torch_work_is_ordered_before_an_explicit_stream(torch_cuda, spin_then_fill):
     torch = torch_cuda
     side = torch.cuda.Stream()
     ours = cupy.cuda.Stream(non_blocking=True)
-    n = 1 << 20
     with torch.cuda.stream(side):
-        x = torch.zeros(n, device="cuda")
+        x = torch.zeros(N, device="cuda")
         torch.cuda._sleep(SPIN_CYCLES)
         x.fill_(5.0)
         # torch's current stream is `side`; the DLPack handshake makes `ours` wait for it.
@@ -388,14 +403,12 @@ def test_torch_work_is_ordered_before_an_explicit_stream(torch_cuda):
 def test_export_to_torch_waits_for_our_stream(torch_cuda, spin_then_fill):
     torch = torch_cuda
     ours = cupy.cuda.Stream(non_blocking=True)
-    x = torch.zeros(4, device="cuda")
-    _, ctx = import_arrays({"x": x}, stream=ours)
+    _, ctx = import_arrays({"x": torch.zeros(4, device="cuda")}, stream=ours)
     with ctx.activate():
-        out = cupy.zeros(1 << 20, cupy.float32)
+        out = cupy.zeros(N, cupy.float32)
         ours.synchronize()
         spin_then_fill(out, 7.0)
-    result = ctx.export(out)  # torch's current stream must wait for the spinning kernel
-    seen = result.clone()
+    seen = ctx.export(out).clone()  # on torch's current stream, which must wait for ours
     torch.cuda.synchronize()
     assert float(seen.min()) == float(seen.max()) == 7.0
 
@@ -420,16 +433,18 @@ def test_jax_round_trip(jax_gpu):
 
 
 @gpu
-def test_jax_pending_work_is_ordered_before_ours(jax_gpu):
+def test_jax_pending_work_is_ordered_before_ours(jax_gpu, spin_then_fill):
     jax, device = jax_gpu
     import jax.numpy as jnp
 
+    @jax.jit
+    def chain(a):  # ~0.2 s of matmuls, queued asynchronously
+        return jax.lax.fori_loop(0, 400, lambda i, y: y @ a, a)
+
     a = jax.device_put(jnp.full((4096, 4096), 1.0 / 4096, jnp.float32), device)
-    a.block_until_ready()
-    y = a
-    for _ in range(20):  # queued asynchronously; not ready when we import it
-        y = y @ a
+    chain(a).block_until_ready()  # compile outside the timed part
     ours = cupy.cuda.Stream(non_blocking=True)
+    y = chain(a)
     arrays, ctx = import_arrays({"y": y}, stream=ours)
     with ctx.activate():
         copy = arrays["y"].copy()
@@ -443,12 +458,12 @@ def test_export_to_jax_waits_for_our_stream(jax_gpu, spin_then_fill):
     import jax.numpy as jnp
 
     ours = cupy.cuda.Stream(non_blocking=True)
-    x = jax.device_put(jnp.zeros(4, jnp.float32), device)
-    _, ctx = import_arrays({"x": x}, stream=ours)
+    total = jax.jit(jnp.sum)
+    total(jax.device_put(jnp.zeros(N, jnp.float32), device)).block_until_ready()
+    _, ctx = import_arrays({"x": jax.device_put(jnp.zeros(4, jnp.float32), device)},
+                           stream=ours)
     with ctx.activate():
-        out = cupy.zeros(1 << 20, cupy.float32)
+        out = cupy.zeros(N, cupy.float32)
         ours.synchronize()
         spin_then_fill(out, 9.0)
-    result = ctx.export(out)
-    total = float(jnp.sum(result))
-    assert total == 9.0 * (1 << 20)
+    assert float(total(ctx.export(out))) == 9.0 * N

@@ -35,7 +35,8 @@ def matrix_row(key):
 
 
 def test_head_dims_match_support():
-    pairs = tuple((int(d), int(dv)) for d, dv in re.findall(r"(\d+) / (\d+)", matrix_row("head_dim")))
+    found = re.findall(r"(\d+) / (\d+)", matrix_row("head_dim"))
+    pairs = tuple((int(d), int(dv)) for d, dv in found)
     assert pairs == support.HEAD_DIMS
 
 

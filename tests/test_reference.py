@@ -1,4 +1,4 @@
-"""CPU lane: the float64 reference, the comparison of the numerical contract, and the input builder."""
+"""CPU lane: the float64 reference, the numerical-contract comparison and the input builder."""
 
 import itertools
 
