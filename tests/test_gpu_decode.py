@@ -25,6 +25,7 @@ except Exception as exc:  # CuPy missing, no driver, or no device
 
 from mla_cupy import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from mla_cupy.reference import flash_mla_with_kvcache_reference  # noqa: E402
+from mla_cupy import _compile, _launch  # noqa: E402
 from mla_cupy.scheduler import num_sm_parts, schedule  # noqa: E402
 from mla_cupy.support import DTYPES, HEAD_DIMS  # noqa: E402
 from mla_cupy.testing import assert_mla_close, make_decode_inputs  # noqa: E402
@@ -308,7 +309,8 @@ def test_metadata_matches_host_scheduler(s_q, h_q, h_kv):
         rng.integers(0, 100000, size=int(rng.integers(1, 40))),
     ]
     rows = s_q * h_q // h_kv
-    parts = num_sm_parts(device_sm_count(), rows, h_kv)
+    _, sms, _, smem_sm = _launch.device_info(cupy.cuda.runtime.getDevice())
+    parts = num_sm_parts(sms * _compile.ctas_per_sm(rows, smem_sm), rows, h_kv)
     for lens in batches:
         lens = np.asarray(lens, dtype=np.int32)
         meta, splits = get_mla_metadata(cupy.asarray(lens), rows, h_kv, h_q)
