@@ -127,10 +127,10 @@ def decode_variant(dtype, head_dim, head_dim_v, cfg):
 
 
 def decode_layout(m_tile):
-    """(warps_n, m_tiles_per_warp, kv_tile) of a tile: 16/32-row tiles use 16-row warps in
-    groups of four over 32-token stages; the 64-row tile uses 32-row warps (two m16 tiles, so
-    each K/V fragment feeds two mma) in groups of four over 64-token stages."""
-    return (4, 2, 64) if m_tile == 64 else (4, 1, 32)
+    """(warps_n, m_tiles_per_warp, kv_tile) of a tile. 16-row tiles: four 16-row warps over
+    32-token stages. 32- and 64-row tiles: 32-row warps (two m16 tiles, so each K/V fragment
+    loaded from shared memory feeds two mma) in groups of four, over 32- or 64-token stages."""
+    return {16: (4, 1, 32), 32: (4, 2, 32), 64: (4, 2, 64)}[m_tile]
 
 
 def decode_smem_bytes(head_dim, m_tile, stages, layout=None):
@@ -143,15 +143,17 @@ def decode_smem_bytes(head_dim, m_tile, stages, layout=None):
 
 
 def ctas_per_sm(m, smem_per_sm):
-    """Decode CTAs resident per SM: two 16-row CTAs where two fit (small m is memory-bound and
-    a second CTA hides the first one's barriers and latencies), else one.
+    """Decode CTAs resident per SM: two CTAs of the 16- or 32-row tile where two fit (small m is
+    memory-bound and a second CTA hides the first one's barriers and latencies), else one.
 
     Decided from m alone (sized for the largest head_dim), so ``get_mla_metadata``, which does
     not see head_dim, and the decode call agree on it.
     """
     d_max = max(d for d, _ in HEAD_DIMS)
-    if m <= M_TILES[0] and 2 * (decode_smem_bytes(d_max, M_TILES[0], 2) + SMEM_RESERVED_PER_CTA) <= smem_per_sm:
-        return 2
+    if m <= M_TILES[1]:
+        tile = next(t for t in M_TILES if m <= t)
+        if 2 * (decode_smem_bytes(d_max, tile, 2) + SMEM_RESERVED_PER_CTA) <= smem_per_sm:
+            return 2
     return 1
 
 

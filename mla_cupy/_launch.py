@@ -8,7 +8,6 @@ Arguments arrive validated (``_validate``) and packed (``_params``); modules com
 import functools
 
 from . import _compile
-from .support import SCHED_BLOCK_TOKENS, SCHED_FIXED_OVERHEAD_BLOCKS
 
 COMBINE_ROWS_PER_CTA = 8  # one warp per packed query row, kernels/combine.cuh
 

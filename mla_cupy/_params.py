@@ -85,14 +85,33 @@ def expected_offsets():
     return [(name, f, dt.fields[f][1]) for name, dt in STRUCTS.items() for f in dt.names]
 
 
-def pack(dtype, **values):
-    """One parameter block as a NumPy void scalar (passed by value to a CuPy kernel call).
+class Template:
+    """A parameter block whose fields are fixed but for a few set per launch (the pointers).
 
-    Every field must be given (pad fields default to zero), so a forgotten field is an error.
+    ``Template(dtype, **static).pack(**dynamic)`` costs one small NumPy array construction;
+    every field must be given exactly once across the two (pad fields default to zero).
     """
-    if len(values) != len(dtype.names) - sum(f.startswith("pad") for f in dtype.names):
-        missing = [f for f in dtype.names if f not in values and not f.startswith("pad")]
-        unknown = [k for k in values if k not in dtype.names]
-        raise ValueError(f"parameter block {dtype}: fields not set: {missing}, unknown fields: {unknown}")
-    rec = np.array(tuple(values.get(f, 0) for f in dtype.names), dtype=dtype)
-    return rec.reshape(1).view(np.dtype((np.void, dtype.itemsize)))[0]
+
+    def __init__(self, dtype, **static):
+        unknown = [k for k in static if k not in dtype.names]
+        if unknown:
+            raise ValueError(f"parameter block {dtype.names}: unknown fields {unknown}")
+        self.dtype = dtype
+        self._values = [static.get(f, 0) for f in dtype.names]
+        self._slot = {f: i for i, f in enumerate(dtype.names)}
+        self._dynamic = frozenset(f for f in dtype.names if f not in static and not f.startswith("pad"))
+        self._void = np.dtype((np.void, dtype.itemsize))
+
+    def pack(self, **dynamic):
+        if dynamic.keys() != self._dynamic:
+            raise ValueError(f"parameter block {self.dtype.names}: expected fields {sorted(self._dynamic)}, "
+                             f"got {sorted(dynamic)}")
+        values = self._values.copy()
+        for key, value in dynamic.items():
+            values[self._slot[key]] = value
+        return np.array(tuple(values), dtype=self.dtype).reshape(1).view(self._void)[0]
+
+
+def pack(dtype, **values):
+    """One parameter block as a NumPy void scalar (passed by value to a CuPy kernel call)."""
+    return Template(dtype).pack(**values)

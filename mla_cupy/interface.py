@@ -68,15 +68,25 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     """
     arrays, ctx = _import({"cache_seqlens": cache_seqlens}, stream)
     seqlens = arrays["cache_seqlens"]
-    _validate.check_metadata_args(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
-                                  is_fp8_kvcache, topk)
-    _check_device(ctx.device_id)
-    _, sms, _, smem_sm = _launch.device_info(ctx.device_id)
-    occupancy = _compile.ctas_per_sm(int(num_q_tokens_per_head_k), smem_sm)
-    parts = _num_sm_parts(sms * occupancy, num_q_tokens_per_head_k, num_heads_k)
+    key = (ctx.device_id, _array_key(seqlens), num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+           is_fp8_kvcache, topk is None)
+    parts = _cached(_metadata_parts, key)
+    if parts is None:
+        _validate.check_metadata_args(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+                                      is_fp8_kvcache, topk)
+        _check_device(ctx.device_id)
+        _, sms, _, smem_sm = _launch.device_info(ctx.device_id)
+        occupancy = _compile.ctas_per_sm(int(num_q_tokens_per_head_k), smem_sm)
+        parts = _num_sm_parts(sms * occupancy, num_q_tokens_per_head_k, num_heads_k)
+        _remember(_metadata_parts, key, parts)
     with ctx.activate():
         sched, num_splits = _run_metadata(ctx, seqlens, parts)
     return ctx.export(sched), ctx.export(num_splits)
+
+
+_METADATA_TEMPLATE = _params.Template(_params.METADATA_PARAMS, block_tokens=SCHED_BLOCK_TOKENS,
+                                      fixed_overhead=SCHED_FIXED_OVERHEAD_BLOCKS)
+_metadata_parts = {}  # validated get_mla_metadata signatures -> num_sm_parts
 
 
 def _run_metadata(ctx, seqlens, parts):
@@ -86,10 +96,8 @@ def _run_metadata(ctx, seqlens, parts):
     batch = seqlens.shape[0]
     sched = cupy.empty((parts, SCHED_METADATA_SIZE), dtype=np.int32)
     num_splits = cupy.empty((batch + 1,), dtype=np.int32)
-    params = _params.pack(
-        _params.METADATA_PARAMS, seqlens=seqlens.data.ptr, sched=sched.data.ptr,
-        num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts,
-        block_tokens=SCHED_BLOCK_TOKENS, fixed_overhead=SCHED_FIXED_OVERHEAD_BLOCKS)
+    params = _METADATA_TEMPLATE.pack(seqlens=seqlens.data.ptr, sched=sched.data.ptr,
+                                     num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts)
     _launch.launch_metadata(ctx.device_id, ctx.stream, params, parts)
     return sched, num_splits
 
@@ -136,51 +144,104 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
     named = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
              "out": out, "lse": lse}
-    arrays, ctx = _import(named, stream)
-    a = arrays
-    pb = _validate.check_decode_args(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], head_dim_v,
-                                     a["tile_scheduler_metadata"], a["num_splits"], softmax_scale, causal,
-                                     is_fp8_kvcache, indices, a["out"], a["lse"])
+    a, ctx = _import(named, stream)
+    key = (ctx.device_id, head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal, is_fp8_kvcache,
+           indices is None, *[_array_key(x) for x in a.values()])
+    plan = _cached(_plans, key)
+    if plan is None:
+        pb = _validate.check_decode_args(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], head_dim_v,
+                                         a["tile_scheduler_metadata"], a["num_splits"], softmax_scale, causal,
+                                         is_fp8_kvcache, indices, a["out"], a["lse"])
+        _check_device(ctx.device_id)
+        plan = _DecodePlan(ctx.device_id, a, pb, _decode_config(ctx.device_id, pb.head_dim, pb.m))
+        _remember(_plans, key, plan)
     if _validate.resolve_validate(validate):
-        _validate.check_device_data(a["block_table"], a["cache_seqlens"], pb)
-    _check_device(ctx.device_id)
-    cfg = _decode_config(ctx.device_id, pb.head_dim, pb.m)
+        _validate.check_device_data(a["block_table"], a["cache_seqlens"], plan.pb)
     with ctx.activate():
-        out_a, lse_a = _run_decode(ctx, a, pb, cfg)
+        out_a, lse_a = plan.run(ctx, a)
     return ctx.export(out_a), ctx.export(lse_a)
 
 
-def _run_decode(ctx, a, pb, cfg):
-    """Allocates what is missing and launches decode + combine (inside ctx.activate())."""
-    import cupy
+def _array_key(x):
+    """Everything the validators look at in an array: shape, strides, dtype, 16-byte alignment."""
+    return None if x is None else (x.shape, x.strides, x.dtype, x.data.ptr & 15)
 
-    variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
-    qa, kv = a["q"], a["k_cache"]
-    out_a = a["out"] if a["out"] is not None else cupy.empty(
-        (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), dtype=qa.dtype)
-    lse_a = a["lse"] if a["lse"] is not None else cupy.empty((pb.batch, pb.h_q, pb.s_q), dtype=np.float32)
-    o_accum, lse_accum = _workspace(ctx, pb)
-    es = qa.itemsize
-    common = dict(
-        out=out_a.data.ptr, lse=lse_a.data.ptr,
-        o_stride_b=out_a.strides[0] // es, o_stride_s=out_a.strides[1] // es, o_stride_h=out_a.strides[2] // es,
-        lse_stride_b=lse_a.strides[0] // 4, lse_stride_h=lse_a.strides[1] // 4, lse_stride_s=lse_a.strides[2] // 4,
-        num_splits=a["num_splits"].data.ptr, o_accum=o_accum.data.ptr, lse_accum=lse_accum.data.ptr,
-        batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m)
-    decode = _params.pack(
-        _params.DECODE_PARAMS, **common,
-        q=qa.data.ptr, kv=kv.data.ptr, block_table=a["block_table"].data.ptr,
-        seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
-        q_stride_b=qa.strides[0] // es, q_stride_s=qa.strides[1] // es, q_stride_h=qa.strides[2] // es,
-        kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es, kv_stride_head=kv.strides[2] // es,
-        bt_stride_b=a["block_table"].strides[0] // 4,
-        s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
-        scale_log2=pb.softmax_scale * _LOG2E)
-    combine = _params.pack(_params.COMBINE_PARAMS, **{k: common[k] for k in _params.COMBINE_PARAMS.names})
-    num_m_blocks = -(-pb.m // cfg.m_tile)
-    _launch.launch_decode(ctx.device_id, ctx.stream, variant, cfg, decode, num_m_blocks, pb.h_kv, pb.num_sm_parts)
-    _launch.launch_combine(ctx.device_id, ctx.stream, variant, combine, pb.batch, pb.h_kv, pb.m)
-    return out_a, lse_a
+
+# Validated call signatures (see _array_key) -> their launch plan; checks run once per signature.
+_plans = {}
+_MAX_PLANS = 256
+
+
+def _cached(cache, key):
+    try:
+        return cache.get(key)
+    except TypeError:  # an unhashable argument: let the validators name it
+        return None
+
+
+def _remember(cache, key, value):
+    try:
+        if len(cache) >= _MAX_PLANS:
+            cache.clear()
+        cache[key] = value
+    except TypeError:
+        pass
+
+
+class _DecodePlan:
+    """Everything about a call signature that does not change from call to call: the checked
+    problem, the kernel configuration and the fixed fields of both parameter blocks."""
+
+    def __init__(self, device_id, a, pb, cfg):
+        self.device_id, self.pb, self.cfg = device_id, pb, cfg
+        self.variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
+        q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
+        self.out_shape = (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v)
+        self.lse_shape = (pb.batch, pb.h_q, pb.s_q)
+        self.dtype = q.dtype
+        out_strides = a["out"].strides if a["out"] is not None else _c_strides(self.out_shape, es)
+        lse_strides = a["lse"].strides if a["lse"] is not None else _c_strides(self.lse_shape, 4)
+        common = dict(
+            o_stride_b=out_strides[0] // es, o_stride_s=out_strides[1] // es, o_stride_h=out_strides[2] // es,
+            lse_stride_b=lse_strides[0] // 4, lse_stride_h=lse_strides[1] // 4, lse_stride_s=lse_strides[2] // 4,
+            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m)
+        self.decode = _params.Template(
+            _params.DECODE_PARAMS, **common,
+            q_stride_b=q.strides[0] // es, q_stride_s=q.strides[1] // es, q_stride_h=q.strides[2] // es,
+            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es,
+            kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
+            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
+            scale_log2=pb.softmax_scale * _LOG2E)
+        self.combine = _params.Template(_params.COMBINE_PARAMS, **common)
+        self.num_m_blocks = -(-pb.m // cfg.m_tile)
+        self.ws_rows = (pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m
+
+    def run(self, ctx, a):
+        """Allocates what is missing and launches decode + combine (inside ctx.activate())."""
+        import cupy
+
+        pb = self.pb
+        out_a = a["out"] if a["out"] is not None else cupy.empty(self.out_shape, dtype=self.dtype)
+        lse_a = a["lse"] if a["lse"] is not None else cupy.empty(self.lse_shape, dtype=np.float32)
+        o_accum, lse_accum = _workspace(ctx, self.ws_rows, pb.head_dim_v)
+        ptrs = dict(out=out_a.data.ptr, lse=lse_a.data.ptr, num_splits=a["num_splits"].data.ptr,
+                    o_accum=o_accum, lse_accum=lse_accum)
+        decode = self.decode.pack(
+            **ptrs, q=a["q"].data.ptr, kv=a["k_cache"].data.ptr, block_table=a["block_table"].data.ptr,
+            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr)
+        combine = self.combine.pack(**ptrs)
+        _launch.launch_decode(self.device_id, ctx.stream, self.variant, self.cfg, decode, self.num_m_blocks,
+                              pb.h_kv, pb.num_sm_parts)
+        _launch.launch_combine(self.device_id, ctx.stream, self.variant, combine, pb.batch, pb.h_kv, pb.m)
+        return out_a, lse_a
+
+
+def _c_strides(shape, itemsize):
+    strides, acc = [], itemsize
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
 
 
 def _import(named, stream):
@@ -193,22 +254,31 @@ def _import(named, stream):
 
 
 # One fp32 split workspace per (device, stream), grown on demand and reused by later calls on
-# that stream (stream order makes the reuse safe). A CUDA graph captured on a stream keeps
-# using the buffer it saw, so it stays valid as long as no later call needs a larger one.
-_workspaces = {}
+# that stream (stream order makes the reuse safe). A buffer that is outgrown is kept alive, not
+# freed, so a CUDA graph captured with it stays valid.
+_workspaces = {}  # (device, stream) -> (buffer, {(rows, dv): (o_accum ptr, lse_accum ptr)})
+_retired = []
 
 
-def _workspace(ctx, pb):
-    import cupy
-
-    rows = (pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m
-    need = rows * pb.head_dim_v + rows
+def _workspace(ctx, rows, dv):
+    """Device pointers of o_accum [rows, dv] and lse_accum [rows] (fp32) for this stream."""
     key = (ctx.device_id, ctx.stream.ptr)
-    buf = _workspaces.get(key)
-    if buf is None or buf.size < need:
-        buf = cupy.empty((need,), dtype=np.float32)
-        _workspaces[key] = buf
-    return buf[: rows * pb.head_dim_v], buf[rows * pb.head_dim_v: need]
+    entry = _workspaces.get(key)
+    if entry is not None:
+        ptrs = entry[1].get((rows, dv))
+        if ptrs is not None:
+            return ptrs
+    need = rows * (dv + 1)
+    if entry is None or entry[0].size < need:
+        import cupy
+
+        if entry is not None:
+            _retired.append(entry[0])
+        entry = (cupy.empty((need + need // 2,), dtype=np.float32), {})
+        _workspaces[key] = entry
+    base = entry[0].data.ptr
+    ptrs = entry[1][(rows, dv)] = (base, base + rows * dv * 4)
+    return ptrs
 
 
 def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=None):

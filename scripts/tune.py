@@ -7,7 +7,6 @@ Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/tune.py
 import sys
 
 import cupy
-import numpy as np
 
 from mla_cupy import _compile, _interop, _launch, _validate, interface
 from mla_cupy.scheduler import num_sm_parts
@@ -35,14 +34,16 @@ def time_cfg(q, caches, sl, cfg, parts, iters=30):
         a = {"q": q, "k_cache": kc, "block_table": bt, "cache_seqlens": sl, "tile_scheduler_metadata": sched,
              "num_splits": ns, "out": None, "lse": None}
         pb = _validate.check_decode_args(q, kc, bt, sl, DV, sched, ns, None, True, False, None, None, None)
-        runs.append((a, pb))
-    for a, pb in runs:  # warm-up / compile
-        interface._run_decode(ctx, a, pb, cfg)
+        runs.append((a, interface._DecodePlan(ctx.device_id, a, pb, cfg)))
+    for a, plan in runs:  # warm-up / compile
+        with ctx.activate():
+            plan.run(ctx, a)
     e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
     e0.record()
     for i in range(iters):
-        a, pb = runs[i % len(runs)]
-        interface._run_decode(ctx, a, pb, cfg)
+        a, plan = runs[i % len(runs)]
+        with ctx.activate():
+            plan.run(ctx, a)
     e1.record()
     e1.synchronize()
     return cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / iters
@@ -52,13 +53,13 @@ def main():
     dev = cupy.cuda.runtime.getDevice()
     cc, sms, smem, smem_sm = _launch.device_info(dev)
     print(f"sm_{cc}, {sms} SMs, {smem} B smem/block")
-    shapes = [(128, 1, 16, 4096), (128, 1, 64, 4096), (128, 2, 128, 4096), (128, 1, 128, 4096)]
+    shapes = [(128, 1, 16, 4096), (128, 1, 32, 4096), (128, 2, 16, 4096), (128, 1, 64, 4096)]
     print(f"{'shape':<22}{'m_tile':>7}{'stages':>7}{'cta/sm':>7}{'wn/mt/bn':>9}{'us':>9}{'TB/s':>7}{'TFLOP/s':>9}")
     for b, s_q, h_q, sk in shapes:
         q, caches, sl = make(b, s_q, h_q, sk, 2)
         m = s_q * h_q
         default = _compile.decode_config(D, m, smem, smem_sm)
-        layouts = {16: [(4, 1, 32)], 32: [(4, 1, 32)], 64: [(2, 1, 32), (4, 2, 64)]}
+        layouts = {16: [(4, 1, 32)], 32: [(4, 1, 32), (4, 2, 32)], 64: [(4, 2, 64)]}
         for m_tile in _compile.M_TILES:
             if m_tile < 64 and m > 64:
                 continue

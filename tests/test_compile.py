@@ -51,8 +51,9 @@ def test_decode_config_fits_shared_memory():
                 assert cfg.smem_bytes <= smem_block
                 assert cfg.ctas_per_sm * (cfg.smem_bytes + reserved) <= smem_sm
                 assert cfg.ctas_per_sm == _compile.ctas_per_sm(m, smem_sm)
-    # Two CTAs per SM for 16-row problems on a 228 KB SM, one for 64-row ones.
-    assert _compile.ctas_per_sm(16, 233472) == 2 and _compile.ctas_per_sm(64, 233472) == 1
+    # Two CTAs per SM for 16- and 32-row problems on a 228 KB SM, one for 64-row ones.
+    assert _compile.ctas_per_sm(16, 233472) == 2 and _compile.ctas_per_sm(32, 233472) == 2
+    assert _compile.ctas_per_sm(64, 233472) == 1
     # 64 KB is too little for any tile at head_dim 576.
     assert _compile.decode_config(576, 16, 64 * 1024) is None
 
