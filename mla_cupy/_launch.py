@@ -39,6 +39,12 @@ def _kernel(device_id, variant, expr, smem_bytes=0):
 _functions = {}
 
 
+def prepare_decode(device_id, variant, cfg):
+    """Loads the decode and combine functions of `variant` and sets their launch attributes."""
+    _kernel(device_id, variant, variant.name_expressions[0], cfg.smem_bytes)
+    _kernel(device_id, variant, variant.name_expressions[1])
+
+
 def launch_metadata(device_id, stream, params, num_sm_parts):
     """One warp builds the tile-scheduler metadata on the GPU."""
     variant = _compile.metadata_variant()

@@ -301,10 +301,6 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
     dict
         Module name -> seconds it took to compile or load.
     """
-    import cupy
-
-    device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
-    _check_device(device_id)
     head_dims = HEAD_DIMS if head_dims is None else tuple(tuple(p) for p in head_dims)
     for pair in head_dims:
         if pair not in HEAD_DIMS:
@@ -319,20 +315,29 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
         ms = (int(num_q_tokens_per_head_k),)
     else:
         ms = tuple(int(m) for m in num_q_tokens_per_head_k)
-    variants = [_compile.metadata_variant()]
+    for m in ms:
+        if m < 1:
+            raise ValueError(f"num_q_tokens_per_head_k: expected positive integers, got {m}")
+    import cupy
+
+    device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
+    _check_device(device_id)
+    variants = [(_compile.metadata_variant(), None)]
     for d, dv in head_dims:
         for m in ms:
             cfg = _decode_config(device_id, d, m)
             for dt in dtypes:
-                variants.append(_compile.decode_variant(dt, d, dv, cfg))
+                variants.append((_compile.decode_variant(dt, d, dv, cfg), cfg))
     seconds = {}
     with _compile.allow_compile():
-        for v in variants:
-            if v.name in seconds:
+        for variant, cfg in variants:
+            if variant.name in seconds:
                 continue
             t0 = time.perf_counter()
-            _compile.get_module(device_id, v)
-            seconds[v.name] = time.perf_counter() - t0
+            _compile.get_module(device_id, variant)
+            if cfg is not None:
+                _launch.prepare_decode(device_id, variant, cfg)
+            seconds[variant.name] = time.perf_counter() - t0
     return seconds
 
 
