@@ -1,6 +1,7 @@
 // Combine kernel: merges the split partial results of each request into out and lse.
 //
-// Grid (b, h_kv, ceil(m / 8)); block 256 = 8 warps, one packed query row per warp.
+// Grid (b * ceil(m / 8), h_kv); block 256 = 8 warps, one packed query row per warp (rows and
+// requests share grid.x, whose limit is 2^31 - 1, so any batch and any s_q * h_q fit).
 // Requests with a single split were written by the decode kernel and are skipped. For a split
 // request the warp reads the log2-domain lse of every split, forms the merged lse and the
 // weights 2^(lse_i - lse), and sums the normalised partial outputs (each lane owns 4-column
@@ -12,9 +13,10 @@ namespace mla {
 template <int DV, bool IsBf16>
 __global__ void __launch_bounds__(256) combine_kernel(const __grid_constant__ CombineParams p) {
   static_assert(DV % 128 == 0, "each lane owns DV / 128 groups of 4 columns");
-  const int req = blockIdx.x, hk = blockIdx.y;
+  const int row_blocks = (p.m + 7) / 8;
+  const int req = blockIdx.x / row_blocks, hk = blockIdx.y;
   const int lane = threadIdx.x & 31;
-  const int row = blockIdx.z * 8 + (threadIdx.x >> 5);
+  const int row = (blockIdx.x % row_blocks) * 8 + (threadIdx.x >> 5);
   const int base = p.num_splits[req];
   const int n = p.num_splits[req + 1] - base;
   if (n <= 1 || row >= p.m) return;

@@ -1,6 +1,7 @@
 // Parameter blocks passed by value (as `__grid_constant__ const`) to every kernel.
-// mla_cupy/_params.py mirrors each struct as a NumPy structured dtype; the generated config
-// prelude static_asserts every field offset and the size, so the two can never drift apart.
+// mla_cupy/_params.py mirrors each struct as a NumPy structured dtype. Every translation unit
+// static_asserts the sizes; the compile test lane checks every field offset (NVRTC has no
+// offsetof: a probe kernel's PTX stores each offset as a literal), so the two cannot drift.
 #pragma once
 
 namespace mla {

@@ -261,13 +261,6 @@ def get_module(device_id, variant):
         return mod
 
 
-def loaded_module_seconds():
-    return dict(_load_seconds)
-
-
-_load_seconds = {}
-
-
 @dataclasses.dataclass(frozen=True)
 class OfflineBuild:
     cubin: bytes

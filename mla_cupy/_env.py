@@ -11,6 +11,7 @@
 
 import dataclasses
 import os
+import warnings
 
 
 def _flag(name):
@@ -27,10 +28,22 @@ class Config:
     validate: bool
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level():
+    level = os.environ.get("MLA_CUPY_LOG_LEVEL", "WARNING").strip().upper() or "WARNING"
+    if level not in _LOG_LEVELS:
+        warnings.warn(f"MLA_CUPY_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {level!r}; "
+                      "using WARNING", stacklevel=3)
+        return "WARNING"
+    return level
+
+
 def read_config():
     return Config(
         cache_dir=os.environ.get("MLA_CUPY_CACHE_DIR") or None,
-        log_level=os.environ.get("MLA_CUPY_LOG_LEVEL", "WARNING").upper(),
+        log_level=_log_level(),
         dump_source=os.environ.get("MLA_CUPY_DUMP_SOURCE") or None,
         no_compile=_flag("MLA_CUPY_NO_COMPILE"),
         validate=_flag("MLA_CUPY_VALIDATE"),

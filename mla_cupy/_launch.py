@@ -25,14 +25,19 @@ def device_info(device_id):
 
 
 def _kernel(device_id, variant, expr, smem_bytes=0):
-    """The loaded CUDA function (cupy.cuda.function.Function) of one kernel instantiation."""
+    """The loaded CUDA function (cupy.cuda.function.Function) of one kernel instantiation on
+    device `device_id` (CuPy loads a module into the current device's context, so it is made
+    current here whatever the caller's current device is)."""
     key = (device_id, variant.name, expr, smem_bytes)
     fn = _functions.get(key)
     if fn is None:
-        raw = _compile.get_module(device_id, variant).get_function(expr)
-        if smem_bytes > 48 * 1024:
-            raw.max_dynamic_shared_size_bytes = smem_bytes
-        fn = _functions[key] = raw.kernel
+        import cupy
+
+        with cupy.cuda.Device(device_id):
+            raw = _compile.get_module(device_id, variant).get_function(expr)
+            if smem_bytes > 48 * 1024:
+                raw.max_dynamic_shared_size_bytes = smem_bytes
+            fn = _functions[key] = raw.kernel
     return fn
 
 
@@ -45,7 +50,7 @@ def prepare_decode(device_id, variant, cfg):
     _kernel(device_id, variant, variant.name_expressions[1])
 
 
-def launch_metadata(device_id, stream, params, num_sm_parts):
+def launch_metadata(device_id, stream, params):
     """One warp builds the tile-scheduler metadata on the GPU."""
     variant = _compile.metadata_variant()
     fn = _kernel(device_id, variant, variant.name_expressions[0])
@@ -59,5 +64,5 @@ def launch_decode(device_id, stream, variant, cfg, params, num_m_blocks, h_kv, n
 
 def launch_combine(device_id, stream, variant, params, batch, h_kv, m):
     fn = _kernel(device_id, variant, variant.name_expressions[1])
-    grid = (batch, h_kv, (m + COMBINE_ROWS_PER_CTA - 1) // COMBINE_ROWS_PER_CTA)
+    grid = (batch * ((m + COMBINE_ROWS_PER_CTA - 1) // COMBINE_ROWS_PER_CTA), h_kv)
     fn(grid, (32 * COMBINE_ROWS_PER_CTA,), (params,), 0, stream)

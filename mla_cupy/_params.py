@@ -111,7 +111,3 @@ class Template:
             values[self._slot[key]] = value
         return np.array(tuple(values), dtype=self.dtype).reshape(1).view(self._void)[0]
 
-
-def pack(dtype, **values):
-    """One parameter block as a NumPy void scalar (passed by value to a CuPy kernel call)."""
-    return Template(dtype).pack(**values)

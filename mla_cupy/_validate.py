@@ -27,8 +27,8 @@ from .support import (
     SCHED_METADATA_SIZE,
 )
 
-# Byte alignment the kernels' vector loads and TMA copies need for q, k_cache and out: the data
-# pointer and every stride of a dimension longer than one.
+# Byte alignment the kernels' 16-byte asynchronous copies and vector stores need for q, k_cache
+# and out: the data pointer and every stride of a dimension longer than one.
 _VECTOR_ALIGN = 16
 
 _SUPPORTED_HEAD_DIMS = tuple(d for d, _ in HEAD_DIMS)
@@ -232,6 +232,29 @@ def resolve_validate(validate):
     raise TypeError(f"validate: expected True, False or None, got {validate!r}")
 
 
+def check_warmup_args(head_dims, dtypes, num_q_tokens_per_head_k, default_rows):
+    """Check ``warmup``'s arguments; return them resolved: (head-dim pairs, dtype names, row
+    counts), defaults filled in (every supported pair and dtype, ``default_rows``)."""
+    pairs = HEAD_DIMS if head_dims is None else tuple(tuple(p) for p in head_dims)
+    for pair in pairs:
+        if pair not in HEAD_DIMS:
+            raise ValueError(f"head_dims: expected pairs among {HEAD_DIMS}, got {pair}")
+    names = DTYPES if dtypes is None else tuple(dtypes)
+    for name in names:
+        if name not in DTYPES:
+            raise ValueError(f"dtypes: expected names among {DTYPES}, got {name!r}")
+    if num_q_tokens_per_head_k is None:
+        rows = tuple(default_rows)
+    elif isinstance(num_q_tokens_per_head_k, (int, np.integer)):
+        rows = (int(num_q_tokens_per_head_k),)
+    else:
+        rows = tuple(int(m) for m in num_q_tokens_per_head_k)
+    for m in rows:
+        if m < 1:
+            raise ValueError(f"num_q_tokens_per_head_k: expected positive integers, got {m}")
+    return pairs, names, rows
+
+
 def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
                         is_fp8_kvcache=False, topk=None):
     """Check the arguments of ``get_mla_metadata``; raise on the first problem found."""
@@ -390,21 +413,56 @@ def _to_host(x):
     return np.asarray(get() if callable(get) else x)
 
 
-def check_device_data(block_table, cache_seqlens, problem):
-    """Check the contents of ``cache_seqlens`` and ``block_table`` (a host sync; opt-in).
+def check_seqlens_data(cache_seqlens):
+    """Check the contents of ``cache_seqlens`` for ``get_mla_metadata`` (a host sync; opt-in):
+    every length >= 0 and small enough that the scheduler's block counts cannot overflow."""
+    seqlens = _to_host(cache_seqlens).astype(np.int64)
+    bad = np.flatnonzero((seqlens < 0) | (seqlens > _MAX_SEQLEN))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"cache_seqlens[{i}]: expected a length >= 0 and <= {_MAX_SEQLEN}, got {seqlens[i]}")
+    return seqlens
+
+
+# Longest sequence the int32 scheduler arithmetic is safe for (2^31 minus a page of headroom).
+_MAX_SEQLEN = 2**31 - 1 - 256
+
+
+def check_metadata_data(tile_scheduler_metadata, num_splits, seqlens):
+    """Check that the schedule is the one ``get_mla_metadata`` makes for these seqlens (host
+    sync; opt-in): a schedule from other seqlens of the same batch size would split the work
+    wrongly, and one from a larger batch would read and write out of bounds."""
+    from .scheduler import schedule
+
+    sched = _to_host(tile_scheduler_metadata)
+    splits = _to_host(num_splits)
+    want_sched, want_splits = schedule(seqlens, sched.shape[0])
+    if not np.array_equal(splits, want_splits):
+        i = int(np.flatnonzero(splits != want_splits)[0])
+        raise ValueError(
+            f"num_splits[{i}]: expected {want_splits[i]} (the schedule of these cache_seqlens), got "
+            f"{splits[i]}; call get_mla_metadata again when cache_seqlens change")
+    if not np.array_equal(sched, want_sched):
+        i = int(np.flatnonzero((sched != want_sched).any(axis=1))[0])
+        raise ValueError(
+            f"tile_scheduler_metadata[{i}]: expected {want_sched[i].tolist()} (the schedule of these "
+            f"cache_seqlens), got {sched[i].tolist()}; call get_mla_metadata again when cache_seqlens "
+            "change")
+
+
+def check_device_data(block_table, cache_seqlens, problem, tile_scheduler_metadata=None, num_splits=None):
+    """Check the contents of ``cache_seqlens``, ``block_table`` and (when given) the schedule
+    (a host sync; opt-in).
 
     Every seqlen must be >= 0 and fit in its block-table row, and every block id a sequence
     uses (the first ``ceil(seqlen / page_block_size)`` entries of its row) must index k_cache.
-    Entries past a sequence's last page are never read and are not checked.
+    Entries past a sequence's last page are never read and are not checked. The schedule must
+    be the one ``get_mla_metadata`` makes for these seqlens.
     """
-    seqlens = _to_host(cache_seqlens).astype(np.int64)
+    seqlens = check_seqlens_data(cache_seqlens)
     page = problem.page_block_size
     capacity = problem.max_blocks_per_seq * page
 
-    negative = np.flatnonzero(seqlens < 0)
-    if negative.size:
-        i = int(negative[0])
-        raise ValueError(f"cache_seqlens[{i}]: expected a length >= 0, got {seqlens[i]}")
     too_long = np.flatnonzero(seqlens > capacity)
     if too_long.size:
         i = int(too_long[0])
@@ -422,3 +480,5 @@ def check_device_data(block_table, cache_seqlens, problem):
             f"block_table[{i}, {j}]: expected a block id in [0, {problem.num_blocks}) "
             f"(k_cache has {problem.num_blocks} blocks; batch {i} uses {used[i]} blocks for "
             f"{seqlens[i]} tokens), got {table[i, j]}")
+    if tile_scheduler_metadata is not None:
+        check_metadata_data(tile_scheduler_metadata, num_splits, seqlens)

@@ -18,8 +18,9 @@ Method
   spin kernel is queued first so that the host enqueues all timed calls before the GPU reaches
   them: the events then measure GPU time, not Python's launch rate. The host's own cost per call
   is measured separately as the wall time of the Python call (no synchronisation), median.
-* Every call reads a different input set (KV cache, block table, q) from a cycle holding at
-  least 1 GiB of distinct KV, so that the L2 cache cannot serve it.
+* Consecutive calls read different input sets (KV cache, block table, q), cycling through at
+  least 1 GiB of distinct KV (a single set when one is already that large), so that the L2
+  cache cannot serve them.
 * ``get_mla_metadata`` runs once per configuration, outside the timed region, as in a decode
   step that reuses it across layers; its own GPU and host times are reported beside.
 
@@ -117,7 +118,8 @@ class BenchConfig:
 
 
 def standard_sweep():
-    """The standard sweep of the design notes, grouped so that configs sharing KV are adjacent."""
+    """The standard sweep (b = 128 at 4K tokens, uniform and varlen, s_q 1-2, h_q 16-128; b = 1
+    and 8 at 64K; b = 1 at 1M), grouped so that configs sharing KV are adjacent."""
     configs = []
     for varlen in (False, True):
         for s_q in (1, 2):
@@ -439,20 +441,13 @@ LEGEND = (
 )
 
 
-def default_json_path(env=None):
-    """$OUT/bench.jsonl when $OUT is set, else None (table only)."""
-    env = os.environ if env is None else env
-    out = env.get("OUT")
-    return os.path.join(out, "bench.jsonl") if out else None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mla_cupy.bench",
                                 description="Time mla_cupy's MLA decode against measured "
                                             "ceilings and, when present, FlashMLA.")
     p.add_argument("--quick", action="store_true", help="a handful of configurations")
     p.add_argument("--json", metavar="PATH", default=None,
-                   help="write JSON lines here (default: $OUT/bench.jsonl when $OUT is set)")
+                   help="also write JSON lines here (default: table only)")
     p.add_argument("--iters", type=int, default=None,
                    help=f"timed calls per measurement (default {DEFAULT_ITERS}, "
                         f"--quick {QUICK_ITERS})")
@@ -466,8 +461,6 @@ def parse_args(argv=None):
         args.iters = QUICK_ITERS if args.quick else DEFAULT_ITERS
     if args.iters < 1:
         p.error("--iters must be >= 1")
-    if args.json is None:
-        args.json = default_json_path()
     return args
 
 
@@ -774,7 +767,7 @@ class _Peer:
 def _load_peer(path, cp):
     """(_Peer or None, description)."""
     if not path or not os.path.isdir(path):
-        return None, "not found (run the FlashMLA peer script, or pass --peer)"
+        return None, "not found (put FlashMLA's flash_mla_interface.py and its library there, or pass --peer)"
     if not os.path.isfile(os.path.join(path, "flash_mla_interface.py")):
         return None, "no flash_mla_interface.py in the peer folder"
     try:

@@ -13,7 +13,7 @@ import numpy as np
 from . import _compile, _launch, _params, _validate
 from ._errors import UnsupportedDeviceError
 from .scheduler import num_sm_parts as _num_sm_parts
-from .support import (DTYPES, HEAD_DIMS, MIN_COMPUTE_CAPABILITY, SCHED_BLOCK_TOKENS,
+from .support import (MIN_COMPUTE_CAPABILITY, SCHED_BLOCK_TOKENS,
                       SCHED_FIXED_OVERHEAD_BLOCKS, SCHED_METADATA_SIZE)
 
 logger = logging.getLogger("mla_cupy")
@@ -41,7 +41,7 @@ def _decode_config(device_id, head_dim, m):
 
 
 def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
-                     is_fp8_kvcache=False, topk=None, *, stream=None):
+                     is_fp8_kvcache=False, topk=None, *, stream=None, validate=None):
     """Tile-scheduler metadata splitting a batch's KV work over the GPU's SMs.
 
     Parameters
@@ -58,6 +58,9 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
         FlashMLA's fp8 and sparse options; not supported in this version (must stay off).
     stream : optional, keyword-only
         Stream to run on; default: the current stream of the inputs' framework.
+    validate : bool, optional, keyword-only
+        Also check the seqlens' values (>= 0, < 2^31 - 256): a host sync. Default: the
+        ``MLA_CUPY_VALIDATE`` environment variable.
 
     Returns
     -------
@@ -68,8 +71,8 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     """
     arrays, ctx = _import({"cache_seqlens": cache_seqlens}, stream)
     seqlens = arrays["cache_seqlens"]
-    key = (ctx.device_id, _array_key(seqlens), num_q_tokens_per_head_k, num_heads_k, num_heads_q,
-           is_fp8_kvcache, topk is None)
+    key = (ctx.device_id, _array_key(seqlens), *_typed(num_q_tokens_per_head_k, num_heads_k, num_heads_q,
+                                                         is_fp8_kvcache), topk is None)
     parts = _cached(_metadata_parts, key)
     if parts is None:
         _validate.check_metadata_args(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
@@ -80,6 +83,8 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
         parts = _num_sm_parts(sms * occupancy, num_q_tokens_per_head_k, num_heads_k)
         _remember(_metadata_parts, key, parts)
     with ctx.activate():
+        if _validate.resolve_validate(validate):
+            _validate.check_seqlens_data(seqlens)
         sched, num_splits = _run_metadata(ctx, seqlens, parts)
     return ctx.export(sched), ctx.export(num_splits)
 
@@ -98,7 +103,7 @@ def _run_metadata(ctx, seqlens, parts):
     num_splits = cupy.empty((batch + 1,), dtype=np.int32)
     params = _METADATA_TEMPLATE.pack(seqlens=seqlens.data.ptr, sched=sched.data.ptr,
                                      num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts)
-    _launch.launch_metadata(ctx.device_id, ctx.stream, params, parts)
+    _launch.launch_metadata(ctx.device_id, ctx.stream, params)
     return sched, num_splits
 
 
@@ -128,12 +133,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
         FlashMLA's fp8 and sparse options; not supported in this version.
     out, lse : arrays, optional, keyword-only
         Buffers to write ([batch, s_q, h_q, head_dim_v] of q's dtype; float32 [batch, h_q, s_q]),
-        C-contiguous; returned as given.
+        C-contiguous; the results are views of them (CuPy: the same objects). Not with JAX
+        inputs, whose arrays are immutable.
     stream : optional, keyword-only
         Stream to run on; default: the current stream of the inputs' framework, else CuPy's.
     validate : bool, optional, keyword-only
-        Also check device data (seqlens against the block table, block ids against the cache):
-        a host sync. Default: the ``MLA_CUPY_VALIDATE`` environment variable.
+        Also check device data (seqlens against the block table, block ids against the cache,
+        the schedule against the seqlens): a host sync. Default: the ``MLA_CUPY_VALIDATE``
+        environment variable.
 
     Returns
     -------
@@ -145,8 +152,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
              "out": out, "lse": lse}
     a, ctx = _import(named, stream)
-    key = (ctx.device_id, head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal, is_fp8_kvcache,
-           indices is None, *[_array_key(x) for x in a.values()])
+    if ctx.framework == "jax" and (out is not None or lse is not None):
+        raise TypeError(f"{'out' if out is not None else 'lse'}: JAX arrays are immutable and cannot be "
+                        "written in place; leave out= and lse= unset with JAX inputs")
+    key = (ctx.device_id, *_typed(head_dim_v, softmax_scale, causal, is_fp8_kvcache), indices is None,
+           *[_array_key(x) for x in a.values()])
     plan = _cached(_plans, key)
     if plan is None:
         pb = _validate.check_decode_args(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], head_dim_v,
@@ -155,11 +165,17 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
         _check_device(ctx.device_id)
         plan = _DecodePlan(ctx.device_id, a, pb, _decode_config(ctx.device_id, pb.head_dim, pb.m))
         _remember(_plans, key, plan)
-    if _validate.resolve_validate(validate):
-        _validate.check_device_data(a["block_table"], a["cache_seqlens"], plan.pb)
-    with ctx.activate():
+    with ctx.activate():  # on the call's stream, so a validating read sees the producer's writes
+        if _validate.resolve_validate(validate):
+            _validate.check_device_data(a["block_table"], a["cache_seqlens"], plan.pb,
+                                        a["tile_scheduler_metadata"], a["num_splits"])
         out_a, lse_a = plan.run(ctx, a)
     return ctx.export(out_a), ctx.export(lse_a)
+
+
+def _typed(*values):
+    """Scalars for a cache key, each with its type: 512 and 512.0 are different arguments."""
+    return tuple(item for v in values for item in (type(v), v))
 
 
 def _array_key(x):
@@ -301,23 +317,8 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
     dict
         Module name -> seconds it took to compile or load.
     """
-    head_dims = HEAD_DIMS if head_dims is None else tuple(tuple(p) for p in head_dims)
-    for pair in head_dims:
-        if pair not in HEAD_DIMS:
-            raise ValueError(f"head_dims: expected pairs among {HEAD_DIMS}, got {pair}")
-    dtypes = DTYPES if dtypes is None else tuple(dtypes)
-    for dt in dtypes:
-        if dt not in DTYPES:
-            raise ValueError(f"dtypes: expected names among {DTYPES}, got {dt!r}")
-    if num_q_tokens_per_head_k is None:
-        ms = _compile.M_TILES
-    elif isinstance(num_q_tokens_per_head_k, (int, np.integer)):
-        ms = (int(num_q_tokens_per_head_k),)
-    else:
-        ms = tuple(int(m) for m in num_q_tokens_per_head_k)
-    for m in ms:
-        if m < 1:
-            raise ValueError(f"num_q_tokens_per_head_k: expected positive integers, got {m}")
+    head_dims, dtypes, ms = _validate.check_warmup_args(head_dims, dtypes, num_q_tokens_per_head_k,
+                                                        default_rows=_compile.M_TILES)
     import cupy
 
     device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)

@@ -10,7 +10,7 @@ plan's invariants here.
 Cost model: a request of ``seqlen`` tokens costs ``ceil(seqlen / B) + F`` blocks, where
 ``B = SCHED_BLOCK_TOKENS`` and ``F = SCHED_FIXED_OVERHEAD_BLOCKS`` (the fixed price of
 loading a request, writing its output and, if split, combining it). The total is shared out
-greedily, ``ceil(total / num_sm_parts) + F`` blocks per part, and a request that does not fit
+greedily, ``max(ceil(total / num_sm_parts) + F, 2 F)`` blocks per part, and a request that does not fit
 in what is left of a part is split: its first blocks stay with this part and the rest open the
 next one.
 
@@ -62,7 +62,9 @@ def num_sm_parts(num_sms, num_q_tokens_per_head_k, num_heads_k):
     Parameters
     ----------
     num_sms : int
-        Streaming multiprocessors of the device.
+        Decode CTAs the device runs at once: its SM count times the CTAs per SM of the decode
+        kernel (``get_mla_metadata`` passes SMs x ``_compile.ctas_per_sm(...)``: two for
+        query tiles of up to 32 rows on GPUs with enough shared memory, else one).
     num_q_tokens_per_head_k : int
         Query rows that share one KV head, ``s_q * h_q // h_kv``.
     num_heads_k : int

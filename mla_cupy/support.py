@@ -23,9 +23,6 @@ SCHED_BLOCK_TOKENS = 64
 SCHED_FIXED_OVERHEAD_BLOCKS = 5
 SCHED_METADATA_SIZE = 8
 
-# Query rows one CTA of the decode kernel handles at most (s_q * h_q / h_kv rows are packed).
-MAX_M_TILE = 64
-
 # Data types of the auxiliary arrays.
 INDEX_DTYPE = "int32"
 LSE_DTYPE = "float32"

@@ -4,9 +4,9 @@
 #
 #   bash scripts/gpu_check.sh [benchmark options, e.g. --quick]
 #
-# With $OUT set, the test log goes to $OUT/gpu_tests.log and the benchmark's JSON lines to
-# $OUT/bench.jsonl. Compiled kernels are cached in build/kernel_cache unless MLA_CUPY_CACHE_DIR
-# says otherwise. Only reads the GPU's state: clocks, power limits and modes are left as they are.
+# With MLA_CUPY_OUT_DIR set, the test log goes to $MLA_CUPY_OUT_DIR/gpu_tests.log and the
+# benchmark's JSON lines to $MLA_CUPY_OUT_DIR/bench.jsonl. Compiled kernels are cached in
+# build/kernel_cache unless MLA_CUPY_CACHE_DIR says otherwise. Only reads the GPU's state: clocks, power limits and modes are left as they are.
 # Exit status: non-zero if the tests or the benchmark failed (both always run).
 set -uo pipefail
 
@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export MLA_CUPY_CACHE_DIR=${MLA_CUPY_CACHE_DIR:-$PWD/build/kernel_cache}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX shares the GPU with CuPy in the tests
-out_dir=${OUT:-}
+out_dir=${MLA_CUPY_OUT_DIR:-}
 logs=${out_dir:-$(mktemp -d)}
 mkdir -p "$logs" "$MLA_CUPY_CACHE_DIR"
 test_log="$logs/gpu_tests.log"
@@ -33,7 +33,7 @@ python3 -c "import mla_cupy; mla_cupy.show_config()" || echo "show_config failed
 
 section "tests: pytest -m 'gpu or cpu'"
 start=$SECONDS
-python3 -m pytest -m "gpu or cpu" -q -x --require-gpu --durations=10 -p no:cacheprovider 2>&1 |
+python3 -m pytest -m "gpu or cpu" -q --require-gpu --durations=10 -p no:cacheprovider 2>&1 |
   tee "$test_log"
 test_rc=${PIPESTATUS[0]}
 test_s=$((SECONDS - start))

@@ -59,7 +59,8 @@ def main():
         q, caches, sl = make(b, s_q, h_q, sk, 2)
         m = s_q * h_q
         default = _compile.decode_config(D, m, smem, smem_sm)
-        layouts = {16: [(4, 1, 32)], 32: [(4, 1, 32), (4, 2, 32)], 64: [(4, 2, 64)]}
+        # The selector's layout of each tile, plus the 16-row-warp alternatives it replaced.
+        layouts = {t: sorted({_compile.decode_layout(t), (4, 1, 32)}) for t in _compile.M_TILES}
         for m_tile in _compile.M_TILES:
             if m_tile < 64 and m > 64:
                 continue
@@ -69,7 +70,7 @@ def main():
                     if smem_b > smem:
                         continue
                     cfg = _compile.DecodeConfig(m_tile, stages, 32 * (m_tile // (16 * mt)) * wn, smem_b, 1, wn, mt, bn)
-                    per_sm = max(1, min(4, smem_sm // (smem_b + 1024)))
+                    per_sm = max(1, min(4, smem_sm // (smem_b + _compile.SMEM_RESERVED_PER_CTA)))
                     for ctas in sorted({1, per_sm}):
                         parts = num_sm_parts(sms * ctas, m, 1)
                         try:

@@ -229,17 +229,13 @@ def test_short_error():
 
 # --- command line ---
 
-def test_parse_args_defaults(monkeypatch):
-    monkeypatch.delenv("OUT", raising=False)
+def test_parse_args_defaults():
     args = bench.parse_args([])
     assert args.iters == bench.DEFAULT_ITERS >= 30 and args.json is None and not args.quick
     assert args.peer == os.path.join(".peers", "flashmla")
     args = bench.parse_args(["--quick", "--iters", "40", "--json", "r.jsonl", "--peer", "p"])
     assert (args.quick, args.iters, args.json, args.peer) == (True, 40, "r.jsonl", "p")
     assert bench.parse_args(["--quick"]).iters == bench.QUICK_ITERS >= 30
-    monkeypatch.setenv("OUT", "results")
-    assert bench.parse_args([]).json == os.path.join("results", "bench.jsonl")
-    assert bench.default_json_path({}) is None
 
 
 def test_select_configs_filter():

@@ -12,16 +12,11 @@ import zlib
 import numpy as np
 import pytest
 
+import cupy
+
+# conftest.py skips every test here, with the reason, where no usable GPU exists (and fails
+# them instead under --require-gpu).
 pytestmark = pytest.mark.gpu
-
-try:
-    import cupy
-
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError("the driver reports 0 devices")
-except Exception as exc:  # CuPy missing, no driver, or no device
-    pytest.skip(f"no CUDA device visible to CuPy ({type(exc).__name__}: {exc})",
-                allow_module_level=True)
 
 from mla_cupy import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from mla_cupy.reference import flash_mla_with_kvcache_reference  # noqa: E402
@@ -147,13 +142,14 @@ def test_boundary_seqlens(page, causal):
     check_case(inp, causal, "boundary seqlens")
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("s_q", range(1, 17))
-def test_query_lengths(s_q):
-    rng = np.random.default_rng(case_seed("s_q", s_q))
+def test_query_lengths(s_q, causal):
+    rng = np.random.default_rng(case_seed("s_q", s_q, causal))
     seqlens = rng.integers(max(s_q - 1, 0), 700, size=2)
     inp = make_decode_inputs(2, s_q, 32 if s_q % 2 else 16, page_block_size=64, seqlens=seqlens,
                              dtype=DTYPES[s_q % 2], seed=int(rng.integers(1 << 31)))
-    check_case(inp, True, "s_q sweep")
+    check_case(inp, causal, "s_q sweep")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -280,6 +276,50 @@ def test_explicit_and_current_streams():
                      msg=describe(inp, False, "current stream"))
 
 
+def test_strided_inputs():
+    """q padded along its rows, k_cache one head of a two-head pool, block_table a column slice:
+    the kernel must follow every stride, not assume packed arrays."""
+    inp = make_decode_inputs(3, 2, 32, page_block_size=16, seqlens=[5, 300, 777],
+                             seed=case_seed("strides"))
+    q_big = cupy.full((3, 2, 32, 640), np.nan, dtype=inp.q.dtype)
+    q_big[..., :576] = cupy.asarray(inp.q)
+    q = q_big[..., :576]
+    pool = cupy.full(inp.k_cache.shape[:2] + (2, 576), np.nan, dtype=inp.k_cache.dtype)
+    pool[:, :, 1:2] = cupy.asarray(inp.k_cache)
+    k_cache = pool[:, :, 1:2]
+    bt_big = cupy.full((3, inp.block_table.shape[1] + 5), -7, dtype=np.int32)
+    bt_big[:, 2:2 + inp.block_table.shape[1]] = cupy.asarray(inp.block_table)
+    block_table = bt_big[:, 2:2 + inp.block_table.shape[1]]
+    assert not (q.flags.c_contiguous or k_cache.flags.c_contiguous or block_table.flags.c_contiguous)
+    seqlens = cupy.asarray(inp.cache_seqlens)
+    meta = get_mla_metadata(seqlens, 64, 1)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, *meta, causal=True)
+    out_ref, lse_ref = flash_mla_with_kvcache_reference(
+        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, causal=True)
+    assert_mla_close(out.get(), lse.get(), out_ref, lse_ref, msg=describe(inp, True, "strided"))
+
+
+def test_validate_flag_rejects_bad_device_data():
+    inp = make_decode_inputs(3, 1, 16, page_block_size=16, seqlens=[10, 40, 100],
+                             seed=case_seed("validate-bad"))
+    q, k_cache, block_table, seqlens = to_device(inp)
+    meta = get_mla_metadata(seqlens, 16, 1)
+    bad = seqlens.copy()
+    bad[1] = -3
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\]"):
+        flash_mla_with_kvcache(q, k_cache, block_table, bad, 512, *meta, validate=True)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\]"):
+        get_mla_metadata(bad, 16, 1, validate=True)
+    table = block_table.copy()
+    table[2, 3] = k_cache.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[2, 3\]"):
+        flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, *meta, validate=True)
+    other = cupy.asarray(np.array([100, 40, 10], dtype=np.int32))
+    stale = get_mla_metadata(other, 16, 1)
+    with pytest.raises(ValueError, match="tile_scheduler_metadata|num_splits"):
+        flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, *stale, validate=True)
+
+
 def test_validate_flag_accepts_good_inputs():
     inp = make_decode_inputs(3, 1, 16, page_block_size=7, seqlens=[0, 6, 50],
                              seed=case_seed("validate"))
@@ -307,6 +347,7 @@ def test_metadata_matches_host_scheduler(s_q, h_q, h_kv):
         np.maximum(rng.normal(4096, 1024, size=128), 1),
         rng.choice([0, 1, 63, 64, 65, 4096, 1 << 20], size=300),
         rng.integers(0, 100000, size=int(rng.integers(1, 40))),
+        rng.integers(0, 3000, size=9000),  # past the requests staged in shared memory
     ]
     rows = s_q * h_q // h_kv
     _, sms, _, smem_sm = _launch.device_info(cupy.cuda.runtime.getDevice())
