@@ -9,7 +9,8 @@ import functools
 
 from . import _compile
 
-COMBINE_ROWS_PER_CTA = 8  # one warp per packed query row, kernels/combine.cuh
+COMBINE_WARPS = 8  # kernels/combine.cuh: one warp per 128-column slice of a packed query row
+COMBINE_SLICE_COLUMNS = 128
 
 
 @functools.cache
@@ -62,7 +63,8 @@ def launch_decode(device_id, stream, variant, cfg, params, num_m_blocks, h_kv, n
     fn((num_m_blocks, h_kv, num_sm_parts), (cfg.threads,), (params,), cfg.smem_bytes, stream)
 
 
-def launch_combine(device_id, stream, variant, params, batch, h_kv, m):
+def launch_combine(device_id, stream, variant, params, batch, h_kv, m, head_dim_v):
     fn = _kernel(device_id, variant, variant.name_expressions[1])
-    grid = (batch * ((m + COMBINE_ROWS_PER_CTA - 1) // COMBINE_ROWS_PER_CTA), h_kv)
-    fn(grid, (32 * COMBINE_ROWS_PER_CTA,), (params,), 0, stream)
+    units = m * (head_dim_v // COMBINE_SLICE_COLUMNS)
+    grid = (batch * ((units + COMBINE_WARPS - 1) // COMBINE_WARPS), h_kv)
+    fn(grid, (32 * COMBINE_WARPS,), (params,), 0, stream)

@@ -248,7 +248,8 @@ class _DecodePlan:
         combine = self.combine.pack(**ptrs)
         _launch.launch_decode(self.device_id, ctx.stream, self.variant, self.cfg, decode, self.num_m_blocks,
                               pb.h_kv, pb.num_sm_parts)
-        _launch.launch_combine(self.device_id, ctx.stream, self.variant, combine, pb.batch, pb.h_kv, pb.m)
+        _launch.launch_combine(self.device_id, ctx.stream, self.variant, combine, pb.batch, pb.h_kv, pb.m,
+                               pb.head_dim_v)
         return out_a, lse_a
 
 
