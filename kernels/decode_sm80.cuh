@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
 
       // ---- S = Q K^T for 16 * MT rows x TPW tokens ----------------------------------------------
       // KSPLIT independent accumulators break the serial dependence of consecutive k-steps.
-      float s[MT][T::NT_S][4], s_part[T::KSPLIT][MT][T::NT_S][4];
+      float s_part[T::KSPLIT][MT][T::NT_S][4];
 #pragma unroll
       for (int u = 0; u < T::KSPLIT; ++u)
 #pragma unroll
@@ -206,6 +206,12 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
           }
         }
       }
+
+      // ---- sum the chains, mask, scale to log2 units, tile row max ------------------------------
+      const int tile_tok = tok_begin + tile * BN + n0;
+      float s[MT][T::NT_S][4], mx[2 * MT];
+#pragma unroll
+      for (int r = 0; r < 2 * MT; ++r) mx[r] = neg_inf();
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -215,24 +221,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
             float acc = s_part[0][mt][j][e];
 #pragma unroll
             for (int u = 1; u < T::KSPLIT; ++u) acc += s_part[u][mt][j][e];
-            s[mt][j][e] = acc;
-          }
-
-      // ---- mask, scale to log2 units, tile row max --------------------------------------------
-      const int tile_tok = tok_begin + tile * BN + n0;
-      float mx[2 * MT];
-#pragma unroll
-      for (int r = 0; r < 2 * MT; ++r) mx[r] = neg_inf();
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < T::NT_S; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
             const int r = 2 * mt + (e >> 1);
             const int tok = tile_tok + j * 8 + 2 * t4 + (e & 1);
             const bool ok = tok < tok_end && tok < vis_end[r];
-            s[mt][j][e] = ok ? s[mt][j][e] * p.scale_log2 : neg_inf();
+            s[mt][j][e] = ok ? acc * p.scale_log2 : neg_inf();
             mx[r] = fmaxf(mx[r], s[mt][j][e]);
           }
 #pragma unroll
@@ -275,15 +267,22 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
         rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 2);
         if (t4 == 0) sSum[wn * M_TILE + wrow + (r >> 1) * 16 + g + 8 * (r & 1)] = rs[r];
       }
+      // Rescale O only when some row's maximum moved (alpha is exactly 1 otherwise, and after
+      // the first tiles it mostly is): the warp skips 4 * MT * NT_O multiplies.
+      bool moved = false;
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+      for (int r = 0; r < 2 * MT; ++r) moved |= alpha[r] != 1.f;
+      if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-        for (int j = 0; j < T::NT_O; ++j) {
-          o[mt][j][0] *= alpha[2 * mt];
-          o[mt][j][1] *= alpha[2 * mt];
-          o[mt][j][2] *= alpha[2 * mt + 1];
-          o[mt][j][3] *= alpha[2 * mt + 1];
-        }
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < T::NT_O; ++j) {
+            o[mt][j][0] *= alpha[2 * mt];
+            o[mt][j][1] *= alpha[2 * mt];
+            o[mt][j][2] *= alpha[2 * mt + 1];
+            o[mt][j][3] *= alpha[2 * mt + 1];
+          }
+      }
       named_barrier(1 + rg, 32 * WN);
 #pragma unroll
       for (int r = 0; r < 2 * MT; ++r) {
