@@ -1,11 +1,14 @@
-"""Decode benchmark: ``python -m mla_cupy.bench [--quick] [--json PATH] [--iters N] [--peer PATH]``.
+"""Decode benchmark: ``python -m mla_cupy.bench [--quick] [--sweep standard|extra|all]
+[--kernels auto,portable,sm90] [--json PATH] [--iters N] [--peer PATH] [--no-flashinfer]``.
 
 Times ``flash_mla_with_kvcache`` over the standard sweep (b = 128 at 4K tokens, uniform and
 variable lengths, s_q 1 and 2, h_q 16 to 128; b = 1 and 8 at 64K; b = 1 at 1M tokens; h_kv 1,
-d 576, dv 512, causal, 64-token pages) and reports each configuration against two ceilings
-measured in the same run: the read bandwidth of a plain streaming kernel and the rate of a large
-bf16 matrix product. When DeepSeek's FlashMLA can be loaded beside mla_cupy (``--peer``), it is
-timed on the very same arrays, alternating with mla_cupy, and its output compared with ours.
+d 576, dv 512, causal, 64-token pages) or the extra one (a skewed batch, s_q 4, a small batch,
+a long context) and reports each configuration against two ceilings measured in the same run:
+the read bandwidth of a plain streaming kernel and the rate of a large bf16 matrix product.
+Two peers are timed on the very same arrays, alternating with mla_cupy, and their outputs
+compared with ours: DeepSeek's FlashMLA (``--peer``) and FlashInfer's fa3 batch MLA kernel
+(whenever ``flashinfer`` can be imported). ``--kernels`` times each of our kernel paths in turn.
 
 Method
 ------
@@ -22,14 +25,18 @@ Method
   least 1 GiB of distinct KV (a single set when one is already that large), so that the L2
   cache cannot serve them.
 * ``get_mla_metadata`` runs once per configuration, outside the timed region, as in a decode
-  step that reuses it across layers; its own GPU and host times are reported beside.
+  step that reuses it across layers; its own GPU and host times are reported beside. The
+  FlashInfer peer is likewise planned once per configuration and input set, outside.
+* Ratio = best peer's time / ours (above 1: mla_cupy faster); the target is our time at most
+  0.95 of the best peer's.
 
 Only the standard library and NumPy are imported at module level: the sweep, the formulas and
 the formatting are plain functions that run (and are tested) without a GPU. CuPy is imported
-when the benchmark runs; PyTorch only when the FlashMLA peer is used.
+when the benchmark runs; PyTorch only when a peer is used.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -42,7 +49,7 @@ import time
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GIB = 1 << 30
 
 # Standard problem (DeepSeek V3 MLA decode).
@@ -92,13 +99,18 @@ class BenchConfig:
     dv: int = HEAD_DIM_V
     page: int = PAGE_BLOCK_SIZE
     causal: bool = True
+    long_seqlen: int = 0  # skewed batch: every ``long_every``-th sequence has this many tokens
+    long_every: int = 0
 
     @property
     def name(self):
         parts = [f"b{self.b}", f"s_q{self.s_q}", f"h{self.h_q}"]
         if self.varlen:
             parts.append("varlen")
-        if self.seqlen != 4096:
+        if self.long_every:
+            parts.append(f"{tokens_label(self.seqlen)}+{tokens_label(self.long_seqlen)}"
+                         f"/{self.long_every}")
+        elif self.seqlen != 4096:
             parts.append(tokens_label(self.seqlen))
         return " ".join(parts)
 
@@ -106,15 +118,20 @@ class BenchConfig:
     def kv_key(self):
         """Configurations with equal keys share KV caches, block tables and cache_seqlens."""
         return (self.b, self.seqlen, self.varlen, self.seqlen_std, self.seed,
-                self.h_kv, self.d, self.page)
+                self.h_kv, self.d, self.page, self.long_seqlen, self.long_every)
 
     def seqlens(self):
-        """cache_seqlens as an int32 NumPy array; varlen draws N(seqlen, std) with a fixed seed."""
-        if not self.varlen:
-            return np.full(self.b, self.seqlen, dtype=np.int32)
-        rng = np.random.default_rng(self.seed)
-        draws = rng.normal(self.seqlen, self.seqlen_std, self.b)
-        return np.maximum(np.rint(draws), 1).astype(np.int32)
+        """cache_seqlens as an int32 NumPy array; varlen draws N(seqlen, std) with a fixed seed;
+        a skewed batch gives sequences long_every-1, 2*long_every-1, ... long_seqlen tokens."""
+        if self.varlen:
+            rng = np.random.default_rng(self.seed)
+            draws = rng.normal(self.seqlen, self.seqlen_std, self.b)
+            lens = np.maximum(np.rint(draws), 1).astype(np.int32)
+        else:
+            lens = np.full(self.b, self.seqlen, dtype=np.int32)
+        if self.long_every:
+            lens[self.long_every - 1::self.long_every] = self.long_seqlen
+        return lens
 
 
 def standard_sweep():
@@ -139,6 +156,36 @@ def quick_sweep():
         BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096, varlen=True),
         BenchConfig(b=1, s_q=1, h_q=128, seqlen=64 << 10),
     ]
+
+
+def extra_sweep():
+    """Configurations outside the standard sweep: a skewed batch (b = 64, 1K tokens, every 8th
+    sequence 16K), speculative decoding (s_q 4, h_q 16 and 32), a small batch (b = 4 at 8K) and
+    the long-context shape of a model split over 8 GPUs (b = 32, h_q 16 at 32K)."""
+    skew = dict(b=64, s_q=1, seqlen=1024, long_seqlen=16 << 10, long_every=8)
+    return [
+        BenchConfig(h_q=16, **skew),
+        BenchConfig(h_q=128, **skew),
+        BenchConfig(b=128, s_q=4, h_q=16, seqlen=4096),
+        BenchConfig(b=128, s_q=4, h_q=32, seqlen=4096),
+        BenchConfig(b=4, s_q=1, h_q=16, seqlen=8 << 10),
+        BenchConfig(b=4, s_q=1, h_q=128, seqlen=8 << 10),
+        BenchConfig(b=32, s_q=1, h_q=16, seqlen=32 << 10),
+    ]
+
+
+SWEEPS = ("standard", "extra", "all")
+
+
+def sweep_configs(name):
+    """The configurations of a named sweep: 'standard', 'extra' or 'all' (both, in that order)."""
+    if name == "standard":
+        return standard_sweep()
+    if name == "extra":
+        return extra_sweep()
+    if name == "all":
+        return standard_sweep() + extra_sweep()
+    raise ValueError(f"unknown sweep {name!r}; one of {', '.join(SWEEPS)}")
 
 
 def group_by_kv(configs):
@@ -223,19 +270,30 @@ def build_block_table(seqlens, page, rng):
 # Results, table and JSON lines (pure)
 # ---------------------------------------------------------------------------------------------
 
+PEERS = ("FlashMLA", "FlashInfer")
+KERNELS = ("auto", "portable", "sm90")
+TARGET_FRACTION = 0.95  # the target: our time at most this fraction of the best peer's
+
 RESULT_KEYS = (
-    "kind", "config", "b", "s_q", "h_q", "h_kv", "d", "dv", "page", "causal", "seqlen",
-    "varlen", "total_tokens", "flops", "bytes", "input_sets", "distinct_kv_bytes", "iters",
+    "kind", "config", "kernel", "b", "s_q", "h_q", "h_kv", "d", "dv", "page", "causal",
+    "seqlen", "varlen", "long_seqlen", "long_every", "total_tokens", "flops", "bytes",
+    "input_sets", "distinct_kv_bytes", "iters",
     "us", "us_min", "us_max", "tbps", "tflops", "pct_bw_roof", "pct_mma_roof", "host_us",
     "meta_us", "meta_host_us", "queue_ahead",
-    "peer_us", "peer_tbps", "peer_tflops", "peer_host_us", "peer_queue_ahead", "speed_ratio",
-    "max_abs_diff_out", "max_abs_diff_lse", "error", "peer_error", "suspect",
+    "peer_us", "peer_us_min", "peer_us_max", "peer_tbps", "peer_tflops", "peer_host_us",
+    "peer_queue_ahead",
+    "fi_us", "fi_us_min", "fi_us_max", "fi_tbps", "fi_tflops", "fi_host_us", "fi_queue_ahead",
+    "best_peer", "best_peer_us", "speed_ratio", "speed_ratio_flashmla",
+    "speed_ratio_flashinfer", "target_met",
+    "max_abs_diff_out", "max_abs_diff_lse", "fi_max_abs_diff_out", "fi_max_abs_diff_lse",
+    "error", "peer_error", "fi_error", "suspect",
 )
 
 HEADER_KEYS = (
     "kind", "schema", "gpu", "sm_count", "l2_bytes", "driver", "cuda_driver_api",
     "cuda_runtime", "cupy", "nvrtc", "mla_cupy", "date", "bw_roof_tbps", "bw_roof_method",
-    "mma_roof_tflops", "mma_roof_dtype", "peer", "iters", "quick", "min_distinct_kv_bytes",
+    "mma_roof_tflops", "mma_roof_dtype", "peer", "flashinfer", "kernels", "kernels_note",
+    "sweep", "iters", "quick", "min_distinct_kv_bytes", "target_fraction",
 )
 
 
@@ -250,6 +308,29 @@ def derive_rates(flops, nbytes, us, bw_roof_tbps=None, mma_roof_tflops=None):
     return tbps, tflops, pct_bw, pct_mma
 
 
+def best_peer(peer_us):
+    """(name, µs) of the fastest peer in a {name: µs or None} mapping; (None, None) if none ran."""
+    timed = [(us, name) for name, us in peer_us.items() if us is not None and us > 0]
+    if not timed:
+        return None, None
+    us, name = min(timed)
+    return name, us
+
+
+def speed_ratio(peer_us, ours_us):
+    """Peer µs / our µs: above 1 means mla_cupy is faster; None when either is missing."""
+    if not peer_us or not ours_us or peer_us <= 0 or ours_us <= 0:
+        return None
+    return peer_us / ours_us
+
+
+def target_met(ours_us, best_peer_us, fraction=TARGET_FRACTION):
+    """True when our time is at most ``fraction`` of the best peer's; None when not comparable."""
+    if not ours_us or not best_peer_us:
+        return None
+    return ours_us <= fraction * best_peer_us
+
+
 def beats_roof(nbytes, us, bw_roof_tbps, slack=1.05):
     """True when ``us`` would mean moving ``nbytes`` faster than the measured read roof allows:
     a timing that cannot be right (the work ran outside the events, or was skipped)."""
@@ -258,40 +339,54 @@ def beats_roof(nbytes, us, bw_roof_tbps, slack=1.05):
     return nbytes / (us * 1e-6) / 1e12 > bw_roof_tbps * slack
 
 
-def make_result(cfg, ours=None, peer=None, meta=None, *, iters=None, input_sets=None,
-                distinct_kv_bytes=None, bw_roof_tbps=None, mma_roof_tflops=None,
-                diffs=(None, None), error=None, peer_error=None):
+def make_result(cfg, ours=None, peer=None, meta=None, *, flashinfer=None, kernel="auto",
+                iters=None, input_sets=None, distinct_kv_bytes=None, bw_roof_tbps=None,
+                mma_roof_tflops=None, diffs=(None, None), fi_diffs=(None, None), error=None,
+                peer_error=None, fi_error=None):
     """One result record (all RESULT_KEYS present; missing measurements are None).
 
-    ``ours``/``peer`` are timing dicts from ``summarize_times`` (keys us, us_min, us_max,
-    host_us, queue_ahead); ``meta`` likewise for get_mla_metadata.
+    ``ours``/``peer`` (FlashMLA)/``flashinfer`` are timing dicts from ``summarize_times`` (keys
+    us, us_min, us_max, host_us, queue_ahead); ``meta`` likewise for get_mla_metadata.
+    ``diffs``/``fi_diffs``: (max |out - peer out|, max |lse - peer lse|) against each peer.
     """
     flops, nbytes = config_work(cfg)
     ours = ours or {}
     peer = peer or {}
+    fi = flashinfer or {}
     meta = meta or {}
     tbps, tflops, pct_bw, pct_mma = derive_rates(flops, nbytes, ours.get("us"),
                                                  bw_roof_tbps, mma_roof_tflops)
     p_tbps, p_tflops, _, _ = derive_rates(flops, nbytes, peer.get("us"))
-    ratio = None
-    if ours.get("us") and peer.get("us"):
-        ratio = peer["us"] / ours["us"]
-    suspect = [who for who, t in (("ours", ours), ("FlashMLA", peer))
+    f_tbps, f_tflops, _, _ = derive_rates(flops, nbytes, fi.get("us"))
+    best_name, best_us = best_peer({"FlashMLA": peer.get("us"), "FlashInfer": fi.get("us")})
+    suspect = [who for who, t in (("ours", ours), ("FlashMLA", peer), ("FlashInfer", fi))
                if beats_roof(nbytes, t.get("us"), bw_roof_tbps)]
     rec = {
-        "kind": "result", "config": cfg.name, "b": cfg.b, "s_q": cfg.s_q, "h_q": cfg.h_q,
-        "h_kv": cfg.h_kv, "d": cfg.d, "dv": cfg.dv, "page": cfg.page, "causal": cfg.causal,
-        "seqlen": cfg.seqlen, "varlen": cfg.varlen, "total_tokens": _total_tokens(cfg.seqlens()),
+        "kind": "result", "config": cfg.name, "kernel": kernel, "b": cfg.b, "s_q": cfg.s_q,
+        "h_q": cfg.h_q, "h_kv": cfg.h_kv, "d": cfg.d, "dv": cfg.dv, "page": cfg.page,
+        "causal": cfg.causal, "seqlen": cfg.seqlen, "varlen": cfg.varlen,
+        "long_seqlen": cfg.long_seqlen, "long_every": cfg.long_every,
+        "total_tokens": _total_tokens(cfg.seqlens()),
         "flops": flops, "bytes": nbytes, "input_sets": input_sets,
         "distinct_kv_bytes": distinct_kv_bytes, "iters": iters,
         "us": ours.get("us"), "us_min": ours.get("us_min"), "us_max": ours.get("us_max"),
         "tbps": tbps, "tflops": tflops, "pct_bw_roof": pct_bw, "pct_mma_roof": pct_mma,
         "host_us": ours.get("host_us"), "meta_us": meta.get("us"),
         "meta_host_us": meta.get("host_us"), "queue_ahead": ours.get("queue_ahead"),
-        "peer_us": peer.get("us"), "peer_tbps": p_tbps, "peer_tflops": p_tflops,
+        "peer_us": peer.get("us"), "peer_us_min": peer.get("us_min"),
+        "peer_us_max": peer.get("us_max"), "peer_tbps": p_tbps, "peer_tflops": p_tflops,
         "peer_host_us": peer.get("host_us"), "peer_queue_ahead": peer.get("queue_ahead"),
-        "speed_ratio": ratio, "max_abs_diff_out": diffs[0], "max_abs_diff_lse": diffs[1],
-        "error": error, "peer_error": peer_error,
+        "fi_us": fi.get("us"), "fi_us_min": fi.get("us_min"), "fi_us_max": fi.get("us_max"),
+        "fi_tbps": f_tbps, "fi_tflops": f_tflops, "fi_host_us": fi.get("host_us"),
+        "fi_queue_ahead": fi.get("queue_ahead"),
+        "best_peer": best_name, "best_peer_us": best_us,
+        "speed_ratio": speed_ratio(best_us, ours.get("us")),
+        "speed_ratio_flashmla": speed_ratio(peer.get("us"), ours.get("us")),
+        "speed_ratio_flashinfer": speed_ratio(fi.get("us"), ours.get("us")),
+        "target_met": target_met(ours.get("us"), best_us),
+        "max_abs_diff_out": diffs[0], "max_abs_diff_lse": diffs[1],
+        "fi_max_abs_diff_out": fi_diffs[0], "fi_max_abs_diff_lse": fi_diffs[1],
+        "error": error, "peer_error": peer_error, "fi_error": fi_error,
         "suspect": (" and ".join(suspect) + " faster than the read roof: timing suspect")
         if suspect else None,
     }
@@ -335,30 +430,37 @@ class Column:
     width: int
 
 
-def table_columns(config_width=6):
+def table_columns(config_width=6, kernel_column=True):
     """The table's columns; every cell of a column is padded to the column's width."""
-    def col(key, title, fmt, width=8):
+    def col(key, title, fmt, width=5):
         return Column(key, title, fmt, max(width, len(title)))
-    return [
-        col("config", "config", "s", max(config_width, len("config"))),
-        col("us", "µs", ".1f"),
-        col("tbps", "TB/s", ".2f", 6),
-        col("tflops", "TFLOP/s", ".1f"),
+    cols = [col("config", "config", "s", max(config_width, len("config")))]
+    if kernel_column:
+        cols.append(col("kernel", "kernel", "s", 8))
+    cols += [
+        col("us", "µs", ".1f", 7),
+        col("tbps", "TB/s", ".2f"),
+        col("tflops", "TFLOP/s", ".0f"),
         col("pct_bw_roof", "%BW-roof", ".1f"),
         col("pct_mma_roof", "%MMA-roof", ".1f"),
         col("peer_us", "FlashMLA µs", ".1f"),
-        col("speed_ratio", "ours/FlashMLA", ".3f"),
-        col("host_us", "host µs/call", ".1f"),
+        col("fi_us", "FlashInfer µs", ".1f"),
+        col("speed_ratio", "ratio", ".3f"),
+        col("target_met", "target", "flag"),
+        col("host_us", "host µs", ".1f"),
         col("meta_us", "meta µs", ".1f"),
         col("max_abs_diff_out", "max|Δout|", ".1e"),
     ]
+    return cols
 
 
 def format_cell(value, column):
-    if column.key == "config":
-        return f"{value:<{column.width}}"
+    if column.fmt == "s":
+        return f"{'-' if value is None else value:<{column.width}}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         text = "-"
+    elif column.fmt == "flag":
+        text = "yes" if value else "no"
     else:
         text = format(value, column.fmt)
     return f"{text:>{column.width}}"
@@ -370,7 +472,7 @@ COLUMN_SEP = "  "
 def format_header(columns):
     """Two lines: the titles and a rule of the same width."""
     titles = COLUMN_SEP.join(
-        f"{c.title:<{c.width}}" if c.key == "config" else f"{c.title:>{c.width}}"
+        f"{c.title:<{c.width}}" if c.fmt == "s" else f"{c.title:>{c.width}}"
         for c in columns)
     return [titles, "-" * len(titles)]
 
@@ -383,7 +485,9 @@ def format_row(record, columns):
         notes.append(f"ERROR: {record['error']}")
     if record.get("peer_error"):
         notes.append(f"FlashMLA: {record['peer_error']}")
-    if record.get("queue_ahead") is False or record.get("peer_queue_ahead") is False:
+    if record.get("fi_error"):
+        notes.append(f"FlashInfer: {record['fi_error']}")
+    if any(record.get(k) is False for k in ("queue_ahead", "peer_queue_ahead", "fi_queue_ahead")):
         notes.append("host-bound timing")
     if record.get("suspect"):
         notes.append(record["suspect"])
@@ -396,7 +500,8 @@ def format_table(records, columns=None):
     """The whole table as a list of lines (header, rule, one line per record)."""
     if columns is None:
         width = max([len(r.get("config", "")) for r in records] + [6])
-        columns = table_columns(width)
+        kernels = {r.get("kernel") or "auto" for r in records}
+        columns = table_columns(width, kernel_column=kernels != {"auto"})
     return format_header(columns) + [format_row(r, columns) for r in records]
 
 
@@ -424,8 +529,12 @@ def format_env(header):
         ("MMA roof", f"{fmt(header.get('mma_roof_tflops'), '.0f')} TFLOP/s "
                      f"(cupy.matmul {header.get('mma_roof_dtype')} 8192^3)"),
         ("FlashMLA peer", header.get("peer")),
+        ("FlashInfer peer", header.get("flashinfer")),
+        ("kernels", ", ".join(header.get("kernels") or ["auto"])
+         + (f" ({header['kernels_note']})" if header.get("kernels_note") else "")),
+        ("sweep", header.get("sweep")),
         ("method", f"median of {header.get('iters')} calls (twice that, alternating, beside "
-                   f"FlashMLA), CUDA events, queue filled ahead; "
+                   f"the peers), CUDA events, queue filled ahead; "
                    f">= {fmt((header.get('min_distinct_kv_bytes') or 0) / GIB, '.0f')} GiB "
                    f"distinct KV cycled; metadata outside the timed call"),
     ]
@@ -434,18 +543,42 @@ def format_env(header):
 
 
 LEGEND = (
-    "µs: median GPU time per call; TB/s and TFLOP/s from the bytes and FLOPs of the method;",
-    "%BW-roof / %MMA-roof: against the ceilings above; ours/FlashMLA: FlashMLA µs / our µs",
-    "(> 1 = mla_cupy faster); host µs/call: Python wall time of one call, median;",
-    "meta µs: get_mla_metadata's GPU time; max|Δout|: largest |out - FlashMLA out| on one set.",
+    "µs: median GPU time per call; TB/s, TFLOP/s from the method's bytes and FLOPs;",
+    "%BW-roof, %MMA-roof: against the ceilings above; FlashMLA/FlashInfer µs: same inputs;",
+    "ratio: best peer µs / our µs (> 1 = mla_cupy faster); target: ours <= 0.95 x best peer;",
+    "host µs: Python wall time of our call, median; meta µs: get_mla_metadata's GPU time;",
+    "max|Δout|: largest |out - FlashMLA out| on one input set (FlashInfer's in the JSON lines).",
 )
+
+
+def parse_kernels(text):
+    """'sm90,portable' -> ['sm90', 'portable'] (order kept, duplicates dropped); ValueError on an
+    unknown kind."""
+    kinds = []
+    for word in (text or "").split(","):
+        word = word.strip().lower()
+        if not word:
+            continue
+        if word not in KERNELS:
+            raise ValueError(f"unknown kernel {word!r}; one of {', '.join(KERNELS)}")
+        if word not in kinds:
+            kinds.append(word)
+    if not kinds:
+        raise ValueError("no kernel named")
+    return kinds
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mla_cupy.bench",
                                 description="Time mla_cupy's MLA decode against measured "
-                                            "ceilings and, when present, FlashMLA.")
-    p.add_argument("--quick", action="store_true", help="a handful of configurations")
+                                            "ceilings and, when present, FlashMLA and "
+                                            "FlashInfer.")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer calls per measurement and, unless --sweep is given, a handful "
+                        "of configurations")
+    p.add_argument("--sweep", choices=SWEEPS, default=None,
+                   help="standard (default), extra (skewed batch, s_q 4, small batch, long "
+                        "context) or all")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="also write JSON lines here (default: table only)")
     p.add_argument("--iters", type=int, default=None,
@@ -454,6 +587,12 @@ def parse_args(argv=None):
     p.add_argument("--peer", metavar="PATH", default=DEFAULT_PEER_PATH,
                    help="folder holding FlashMLA's flash_mla_interface.py (default %(default)s)")
     p.add_argument("--no-peer", action="store_true", help="do not load FlashMLA")
+    p.add_argument("--flashinfer", action=argparse.BooleanOptionalAction, default=True,
+                   help="time FlashInfer's fa3 MLA kernel when it can be imported "
+                        "(default: on)")
+    p.add_argument("--kernels", metavar="LIST", default="auto",
+                   help=f"our kernel paths to time, comma-separated, from {', '.join(KERNELS)} "
+                        "(default %(default)s)")
     p.add_argument("--filter", metavar="TEXT", default=None,
                    help="only configurations whose name contains TEXT")
     args = p.parse_args(argv)
@@ -461,11 +600,18 @@ def parse_args(argv=None):
         args.iters = QUICK_ITERS if args.quick else DEFAULT_ITERS
     if args.iters < 1:
         p.error("--iters must be >= 1")
+    try:
+        args.kernel_list = parse_kernels(args.kernels)
+    except ValueError as exc:
+        p.error(f"--kernels: {exc}")
     return args
 
 
 def select_configs(args):
-    configs = quick_sweep() if args.quick else standard_sweep()
+    if args.sweep is None:
+        configs = quick_sweep() if args.quick else standard_sweep()
+    else:
+        configs = sweep_configs(args.sweep)
     if args.filter:
         configs = [c for c in configs if args.filter in c.name]
     return configs
@@ -713,18 +859,15 @@ def measure_mma(cp, timer, n=8192, iters=10):
     return result
 
 
-class _Peer:
-    """DeepSeek's FlashMLA (a torch extension), called on torch views of our CuPy arrays."""
+class _Torch:
+    """PyTorch on CuPy's current stream, shared by the peers (both are torch libraries)."""
 
-    def __init__(self, path, cp):
-        import torch  # only here: the peer needs it
+    def __init__(self, cp):
+        import torch  # only here: the peers need it
         if not torch.cuda.is_available():
             raise RuntimeError("torch sees no GPU")
-        if path not in sys.path:
-            sys.path.insert(0, path)
-        import flash_mla_interface as fm
-        self.torch, self.fm, self.cp = torch, fm, cp
-        # FlashMLA must run on CuPy's current stream so that our events bracket its kernels.
+        self.torch, self.cp = torch, cp
+        # The peers must run on CuPy's current stream so that our events bracket their kernels.
         # Initialise torch's CUDA state first: its lazy initialisation resets the current stream.
         torch.cuda.init()
         torch.cuda.set_device(cp.cuda.Device().id)
@@ -751,17 +894,65 @@ class _Peer:
                 return torch.from_dlpack(arr.view(self.cp.int16)).view(torch.bfloat16)
             raise
 
-    def new_sched(self):
-        sched, _ = self.fm.get_mla_metadata()
-        return sched
-
-    def call(self, q, k_cache, block_table, cache_seqlens, dv, sched, scale, causal):
-        return self.fm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, sched,
-                                              None, softmax_scale=scale, causal=causal)
+    def to_cupy(self, t):
+        cp = self.cp
+        try:
+            return cp.from_dlpack(t)
+        except Exception:
+            if t.dtype == self.torch.bfloat16:
+                return cp.from_dlpack(t.view(self.torch.int16)).view(_bf16_dtype(cp))
+            raise
 
     def release(self):
         self.torch.cuda.synchronize()
         self.torch.cuda.empty_cache()
+
+
+_TORCH = []
+
+
+def _torch_bridge(cp):
+    if not _TORCH:
+        _TORCH.append(_Torch(cp))
+    return _TORCH[0]
+
+
+class _Peer:
+    """DeepSeek's FlashMLA (a torch extension), called on torch views of our CuPy arrays."""
+
+    name = "FlashMLA"
+
+    def __init__(self, path, cp):
+        self.t = _torch_bridge(cp)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        import flash_mla_interface as fm
+        self.fm, self.cp = fm, cp
+        self.version = self.t.version
+
+    def prepare(self, cfg, qs, kv_sets, cache_seqlens, scale):
+        """A call(k) running set k % n_sets, and a function turning its result into CuPy
+        (out [b, s_q, h_q, dv], lse [b, h_q, s_q])."""
+        t = self.t
+        t_seqlens = t.tensor(cache_seqlens)
+        n_sets = len(kv_sets)
+        t_sets = [(t.tensor(qs[j]), t.tensor(kv_sets[j][0]), t.tensor(kv_sets[j][1]),
+                   self.fm.get_mla_metadata()[0]) for j in range(n_sets)]
+        t.ensure_stream()
+        fm = self.fm
+
+        def call(k):
+            tq, tk, tt, sched = t_sets[k % n_sets]
+            return fm.flash_mla_with_kvcache(tq, tk, tt, t_seqlens, cfg.dv, sched, None,
+                                             softmax_scale=scale, causal=cfg.causal)
+
+        def result(res):
+            out, lse = res
+            return t.to_cupy(out), t.to_cupy(lse)
+        return call, result
+
+    def release(self):
+        self.t.release()
 
 
 def _load_peer(path, cp):
@@ -777,8 +968,131 @@ def _load_peer(path, cp):
     return peer, f"FlashMLA (torch {peer.version}), same inputs, alternating with ours"
 
 
+FLASHINFER_WORKSPACE_BYTES = 256 << 20
+
+
+def flashinfer_csr(seqlens, block_table, s_q, page):
+    """FlashInfer's CSR plan metadata from cache_seqlens and a block table (NumPy, int32):
+    (qo_indptr [b+1], kv_indptr [b+1], kv_page_ids [sum of pages], kv_lens [b])."""
+    lens = np.asarray(seqlens, dtype=np.int32)
+    b = len(lens)
+    pages = pages_per_seq(lens, page)
+    qo_indptr = (np.arange(b + 1, dtype=np.int64) * s_q).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+    table = np.asarray(block_table)
+    ids = [table[i, :n] for i, n in enumerate(pages.tolist())]
+    kv_page_ids = (np.concatenate(ids) if ids else np.zeros(0)).astype(np.int32)
+    return qo_indptr, kv_indptr, kv_page_ids, lens.copy()
+
+
+class _FlashInfer:
+    """FlashInfer's fa3 batch MLA kernel (BatchMLAPagedAttentionWrapper), planned once per
+    configuration and input set outside the timed calls; q as [b*s_q, h_q, d], the KV pool as
+    [pages, page, d] (views of our arrays, no copies)."""
+
+    name = "FlashInfer"
+
+    def __init__(self, cp):
+        self.t = _torch_bridge(cp)
+        import flashinfer
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
+        self.cp = cp
+        self.version = getattr(flashinfer, "__version__", "?")
+        self.wrapper_cls, self.meta_cls = BatchMLAPagedAttentionWrapper, MLAPlanMetadata
+        self.workspace = self.t.torch.empty(FLASHINFER_WORKSPACE_BYTES,
+                                            dtype=self.t.torch.uint8, device="cuda")
+        self._probe()
+
+    def _plan(self, cfg, lens, table, scale):
+        torch = self.t.torch
+        qo, kv_indptr, ids, kv_lens = flashinfer_csr(lens, table, cfg.s_q, cfg.page)
+        meta = self.meta_cls.csr(*(torch.from_numpy(x) for x in (qo, kv_indptr, ids, kv_lens)))
+        w = self.wrapper_cls(self.workspace, backend="fa3")
+        w.plan(metadata=meta, num_heads=cfg.h_q, head_dim_ckv=cfg.dv,
+               head_dim_kpe=cfg.d - cfg.dv, page_size=cfg.page, causal=cfg.causal,
+               sm_scale=scale, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+               lse_mode="basee")
+        return w
+
+    def _probe(self):
+        """Plan and run a tiny problem, so that a missing build shows at load, not per row."""
+        cp, torch = self.cp, self.t.torch
+        cfg = BenchConfig(b=1, s_q=1, h_q=16, seqlen=PAGE_BLOCK_SIZE)
+        w = self._plan(cfg, cfg.seqlens(), np.zeros((1, 1), np.int32), cfg.d ** -0.5)
+        q = torch.zeros((1, cfg.h_q, cfg.d), dtype=torch.bfloat16, device="cuda")
+        kv = torch.zeros((1, cfg.page, cfg.d), dtype=torch.bfloat16, device="cuda")
+        self.t.ensure_stream()
+        w.run(query=q, kv_cache=kv, return_lse=True, return_lse_base_on_e=True)
+        cp.cuda.get_current_stream().synchronize()
+
+    def prepare(self, cfg, qs, kv_sets, cache_seqlens, scale):
+        t = self.t
+        lens = cfg.seqlens()
+        sets = []
+        for j, (k_cache, _table, table_np) in enumerate(kv_sets):
+            w = self._plan(cfg, lens, table_np, scale)
+            tq = t.tensor(qs[j]).reshape(cfg.b * cfg.s_q, cfg.h_q, cfg.d)
+            tk = t.tensor(k_cache).reshape(k_cache.shape[0], cfg.page, cfg.h_kv * cfg.d)
+            sets.append((w, tq, tk))
+        t.ensure_stream()
+        n_sets = len(sets)
+
+        def call(k):
+            w, tq, tk = sets[k % n_sets]
+            return w.run(query=tq, kv_cache=tk, return_lse=True, return_lse_base_on_e=True)
+
+        def result(res):
+            out, lse = res  # [b*s_q, h_q, dv], [b*s_q, h_q]
+            out = t.to_cupy(out).reshape(cfg.b, cfg.s_q, cfg.h_q, cfg.dv)
+            lse = t.to_cupy(lse).reshape(cfg.b, cfg.s_q, cfg.h_q).transpose(0, 2, 1)
+            return out, lse
+        return call, result
+
+    def release(self):
+        self.t.release()
+
+
+def _load_flashinfer(enabled, cp):
+    """(_FlashInfer or None, description)."""
+    if not enabled:
+        return None, "disabled (--no-flashinfer)"
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("flashinfer") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return None, "not importable (flashinfer is not on the Python path)"
+    try:
+        peer = _FlashInfer(cp)
+    except Exception as exc:
+        return None, f"not loaded: {short_error(exc, 120)}"
+    return peer, (f"FlashInfer {peer.version} fa3 (torch {peer.t.version}), same inputs, "
+                  f"alternating with ours")
+
+
+def kernels_available(kinds):
+    """(kinds that can run, note): forcing a path needs mla_cupy._select.forced; without it
+    only 'auto' runs."""
+    if all(k == "auto" for k in kinds):
+        return list(kinds), None
+    try:
+        from mla_cupy import _select
+        _select.forced  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        return ["auto"], f"cannot force a kernel path here ({short_error(exc, 80)}); auto only"
+    return list(kinds), None
+
+
+def _kernel_context(kind):
+    if kind == "auto":
+        return contextlib.nullcontext()
+    from mla_cupy import _select
+    return _select.forced(kind)
+
+
 def _make_kv_sets(cp, cfg, n_sets, seed):
-    """n_sets (k_cache, block_table) pairs plus the shared cache_seqlens, all on the GPU."""
+    """n_sets (k_cache, block_table, block_table on the host) plus the shared cache_seqlens."""
     lens = cfg.seqlens()
     rng = np.random.default_rng(seed)
     rs = cp.random.RandomState(seed)
@@ -786,11 +1100,24 @@ def _make_kv_sets(cp, cfg, n_sets, seed):
     for _ in range(n_sets):
         table, num_blocks = build_block_table(lens, cfg.page, rng)
         k_cache = _random_bf16(cp, rs, (num_blocks, cfg.page, cfg.h_kv, cfg.d))
-        sets.append((k_cache, cp.asarray(table)))
+        sets.append((k_cache, cp.asarray(table), table))
     return cp.asarray(lens), sets
 
 
-def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peer):
+def _max_diffs(cp, ours, other):
+    """(max |out - other out|, max |lse - other lse|) as floats, both in float32."""
+    o_out, o_lse = ours
+    p_out, p_lse = other
+    cp.cuda.get_current_stream().synchronize()
+    d_out = float(cp.max(cp.abs(_to_f32(cp, cp.asarray(o_out)) - _to_f32(cp, p_out))))
+    d_lse = float(cp.max(cp.abs(cp.asarray(o_lse, dtype=cp.float32)
+                                - cp.asarray(p_lse).astype(cp.float32))))
+    return d_out, d_lse
+
+
+def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peers, kernels):
+    """Time our call once per kernel kind and each peer on the same inputs, in two alternating
+    rounds (ours per kind, then each peer; again), and compare outputs; one record per kind."""
     cache_seqlens, kv_sets = kv
     n_sets = len(kv_sets)
     iters = args.iters
@@ -804,73 +1131,90 @@ def _run_config(cp, cfg, kv, timer, args, roofs, ours_api, ours_api_error, peer)
     n_warm = max(n_sets, 3)
     n_timed = max(iters, 1)
 
-    ours = meta = None
-    error = None
-    ours_out = None
-    if ours_api is None:
-        error = ours_api_error
-    else:
+    ours = {}
+    for kind in kernels:
+        st = ours[kind] = {"samples": None, "meta": None, "error": None, "out": None}
+        if ours_api is None:
+            st["error"] = ours_api_error
+            continue
         try:
             get_meta, decode = ours_api
             q_per_k = cfg.s_q * cfg.h_q // cfg.h_kv
+            with _kernel_context(kind):
+                def meta_call(_k):
+                    return get_meta(cache_seqlens, q_per_k, cfg.h_kv)
+                sched, splits = meta_call(0)
 
-            def meta_call(_k):
-                return get_meta(cache_seqlens, q_per_k, cfg.h_kv)
-            sched, splits = meta_call(0)
-
-            def ours_call(k):
-                j = k % n_sets
-                k_cache, table = kv_sets[j]
-                return decode(qs[j], k_cache, table, cache_seqlens, cfg.dv, sched, splits,
-                              softmax_scale=scale, causal=cfg.causal)
-            ours_host_est = _warm(cp, ours_call, n_warm)
-            now = cp.cuda.get_current_stream().ptr
-            if now != timer.stream.ptr:
-                raise RuntimeError(f"mla_cupy changed CuPy's current stream from "
-                                   f"{timer.stream.ptr:#x} to {now:#x}")
-            ours = timer.run(ours_call, n_timed, ours_host_est)
-            ours_out = ours_call(0)
-            meta_est = _warm(cp, meta_call, 3)
-            meta = timer.run(meta_call, n_timed, meta_est).summary()
+                def ours_call(k, sched=sched, splits=splits):
+                    j = k % n_sets
+                    k_cache, table, _ = kv_sets[j]
+                    return decode(qs[j], k_cache, table, cache_seqlens, cfg.dv, sched, splits,
+                                  softmax_scale=scale, causal=cfg.causal)
+                host_est = _warm(cp, ours_call, n_warm)
+                now = cp.cuda.get_current_stream().ptr
+                if now != timer.stream.ptr:
+                    raise RuntimeError(f"mla_cupy changed CuPy's current stream from "
+                                       f"{timer.stream.ptr:#x} to {now:#x}")
+                st["samples"] = timer.run(ours_call, n_timed, host_est)
+                st["out"] = ours_call(0)
+                meta_est = _warm(cp, meta_call, 3)
+                st["meta"] = timer.run(meta_call, n_timed, meta_est).summary()
+            st["call"], st["host_est"] = ours_call, host_est
         except Exception as exc:
-            error = short_error(exc)
+            st["error"] = short_error(exc)
 
-    peer_t = None
-    peer_error = None
-    diffs = (None, None)
-    if peer is not None:
+    theirs = {}
+    for name, peer in peers.items():
+        st = theirs[name] = {"samples": None, "error": None, "out": None}
+        if peer is None:
+            continue
         try:
-            t_seqlens = peer.tensor(cache_seqlens)
-            t_sets = [(peer.tensor(qs[j]), peer.tensor(kv_sets[j][0]), peer.tensor(kv_sets[j][1]),
-                       peer.new_sched()) for j in range(n_sets)]
-            peer.ensure_stream()
-
-            def peer_call(k):
-                tq, tk, tt, sched = t_sets[k % n_sets]
-                return peer.call(tq, tk, tt, t_seqlens, cfg.dv, sched, scale, cfg.causal)
-            host_est = _warm(cp, peer_call, n_warm)
-            peer_t = timer.run(peer_call, n_timed, host_est)
-            if ours is not None:  # alternate once more (ours, FlashMLA, ours, FlashMLA), pool
-                ours = ours + timer.run(ours_call, n_timed, ours_host_est)
-                peer_t = peer_t + timer.run(peer_call, n_timed, host_est)
-            if ours_out is not None:
-                p_out, p_lse = peer_call(0)
-                cp.cuda.get_current_stream().synchronize()
-                o_out, o_lse = ours_out
-                d_out = float(cp.max(cp.abs(_to_f32(cp, cp.asarray(o_out))
-                                            - _to_f32(cp, cp.from_dlpack(p_out)))))
-                d_lse = float(cp.max(cp.abs(cp.asarray(o_lse, dtype=cp.float32)
-                                            - cp.from_dlpack(p_lse).astype(cp.float32))))
-                diffs = (d_out, d_lse)
-                del p_out, p_lse
-            del t_sets, t_seqlens
+            call, result = peer.prepare(cfg, qs, kv_sets, cache_seqlens, scale)
+            host_est = _warm(cp, call, n_warm)
+            st["samples"] = timer.run(call, n_timed, host_est)
+            st["out"] = result(call(0))
+            st["call"], st["host_est"] = call, host_est
         except Exception as exc:
-            peer_error = short_error(exc)
-    qs = ours_out = None
-    ours = ours.summary() if ours is not None else None
-    peer_t = peer_t.summary() if peer_t is not None else None
-    return make_result(cfg, ours, peer_t, meta, diffs=diffs, error=error,
-                       peer_error=peer_error, **common)
+            st["error"] = short_error(exc)
+
+    # Second round, so that slow drift (clocks, temperature) falls on every side alike.
+    if any(st["samples"] is not None for st in theirs.values()) or len(kernels) > 1:
+        for kind, st in ours.items():
+            if st["samples"] is None:
+                continue
+            try:
+                with _kernel_context(kind):
+                    st["samples"] = st["samples"] + timer.run(st["call"], n_timed,
+                                                              st["host_est"])
+            except Exception as exc:
+                st["error"] = short_error(exc)
+        for name, st in theirs.items():
+            if st["samples"] is None:
+                continue
+            try:
+                st["samples"] = st["samples"] + timer.run(st["call"], n_timed, st["host_est"])
+            except Exception as exc:
+                st["error"] = short_error(exc)
+
+    def summary(st):
+        return st["samples"].summary() if st["samples"] is not None else None
+
+    fm, fi = theirs.get("FlashMLA", {}), theirs.get("FlashInfer", {})
+    records = []
+    for kind, st in ours.items():
+        diffs, fi_diffs = [None, None], [None, None]
+        for other, target in ((fm, diffs), (fi, fi_diffs)):
+            if st["out"] is not None and other.get("out") is not None:
+                try:
+                    target[:] = _max_diffs(cp, st["out"], other["out"])
+                except Exception as exc:
+                    st["error"] = st["error"] or f"compare: {short_error(exc)}"
+        records.append(make_result(
+            cfg, summary(st), summary(fm) if fm else None, st["meta"],
+            flashinfer=summary(fi) if fi else None, kernel=kind, diffs=tuple(diffs),
+            fi_diffs=tuple(fi_diffs), error=st["error"], peer_error=fm.get("error"),
+            fi_error=fi.get("error"), **common))
+    return records
 
 
 def run(args, emit=print):
@@ -913,6 +1257,9 @@ def _run_on_stream(cp, args, emit, stream, write_json):
 
     peer, peer_desc = (None, "disabled (--no-peer)") if args.no_peer else \
         _load_peer(args.peer, cp)
+    fi, fi_desc = _load_flashinfer(args.flashinfer, cp)
+    peers = {"FlashMLA": peer, "FlashInfer": fi}
+    kernels, kernels_note = kernels_available(getattr(args, "kernel_list", ["auto"]))
 
     try:
         import mla_cupy
@@ -921,16 +1268,21 @@ def _run_on_stream(cp, args, emit, stream, write_json):
     except Exception as exc:
         ours_api, ours_api_error = None, short_error(exc)
 
+    sweep = args.sweep or ("quick" if args.quick else "standard")
     header = dict(env, kind="header", schema=SCHEMA_VERSION, bw_roof_tbps=bw,
                   bw_roof_method=bw_how, mma_roof_tflops=mma, mma_roof_dtype=mma_dtype,
-                  peer=peer_desc, iters=args.iters, quick=bool(args.quick),
-                  min_distinct_kv_bytes=MIN_DISTINCT_KV_BYTES)
+                  peer=peer_desc, flashinfer=fi_desc, kernels=kernels,
+                  kernels_note=kernels_note, sweep=sweep + (f", filter {args.filter!r}"
+                                                            if args.filter else ""),
+                  iters=args.iters, quick=bool(args.quick),
+                  min_distinct_kv_bytes=MIN_DISTINCT_KV_BYTES, target_fraction=TARGET_FRACTION)
     header = {k: header.get(k) for k in HEADER_KEYS}
     write_json(header)
     for line in format_env(header):
         emit(line)
     emit("")
-    columns = table_columns(max([len(c.name) for c in configs] + [6]))
+    columns = table_columns(max([len(c.name) for c in configs] + [6]),
+                            kernel_column=kernels != ["auto"])
     for line in format_header(columns):
         emit(line)
 
@@ -946,20 +1298,25 @@ def _run_on_stream(cp, args, emit, stream, write_json):
             kv_error = short_error(exc)
         for cfg in group:
             if kv is None:
-                rec = make_result(cfg, error=f"inputs: {kv_error}", iters=args.iters)
+                recs = [make_result(cfg, error=f"inputs: {kv_error}", iters=args.iters,
+                                    kernel=kind) for kind in kernels]
             else:
                 try:
-                    rec = _run_config(cp, cfg, kv, timer, args, (bw, mma), ours_api,
-                                      ours_api_error, peer)
+                    recs = _run_config(cp, cfg, kv, timer, args, (bw, mma), ours_api,
+                                       ours_api_error, peers, kernels)
                 except Exception as exc:
-                    rec = make_result(cfg, error=short_error(exc), iters=args.iters)
-            records.append(rec)
-            write_json(rec)
-            emit(format_row(rec, columns))
+                    recs = [make_result(cfg, error=short_error(exc), iters=args.iters,
+                                        kernel=kind) for kind in kernels]
+            for rec in recs:
+                records.append(rec)
+                write_json(rec)
+                emit(format_row(rec, columns))
         kv = None
         try:
-            if peer is not None:
-                peer.release()
+            for p in peers.values():
+                if p is not None:
+                    p.release()
+            gc.collect()
             cp.get_default_memory_pool().free_all_blocks()
         except Exception:
             pass

@@ -142,9 +142,11 @@ def _sample_record(**overrides):
     cfg = bench.BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096, varlen=True)
     ours = bench.summarize_times([250.0, 251.0, 249.0], [60.0, 61.0, 59.0], True)
     peer = bench.summarize_times([300.0, 301.0, 299.0], [80.0, 81.0, 79.0], True)
+    fi = bench.summarize_times([280.0, 281.0, 279.0], [90.0, 91.0, 89.0], True)
     meta = bench.summarize_times([5.0, 6.0, 4.0], [20.0, 21.0, 19.0], True)
     kw = dict(iters=3, input_sets=2, distinct_kv_bytes=2 * bench.GIB, bw_roof_tbps=4.5,
-              mma_roof_tflops=770.0, diffs=(1.5e-5, 2e-6))
+              mma_roof_tflops=770.0, diffs=(1.5e-5, 2e-6), flashinfer=fi,
+              fi_diffs=(2.5e-5, 3e-6))
     kw.update(overrides)
     return bench.make_result(cfg, ours, peer, meta, **kw)
 
@@ -153,8 +155,15 @@ def test_result_schema():
     rec = _sample_record()
     assert tuple(rec) == bench.RESULT_KEYS
     assert rec["kind"] == "result" and rec["config"] == "b128 s_q1 h128 varlen"
-    assert rec["us"] == 250.0 and rec["peer_us"] == 300.0
-    assert rec["speed_ratio"] == pytest.approx(1.2)
+    assert rec["us"] == 250.0 and rec["peer_us"] == 300.0 and rec["fi_us"] == 280.0
+    assert rec["kernel"] == "auto"
+    assert rec["best_peer"] == "FlashInfer" and rec["best_peer_us"] == 280.0
+    assert rec["speed_ratio"] == pytest.approx(280 / 250)     # best peer / ours
+    assert rec["speed_ratio_flashmla"] == pytest.approx(1.2)
+    assert rec["speed_ratio_flashinfer"] == pytest.approx(1.12)
+    assert rec["target_met"] is True                            # 250 <= 0.95 * 280
+    assert rec["max_abs_diff_out"] == 1.5e-5 and rec["fi_max_abs_diff_out"] == 2.5e-5
+    assert rec["fi_max_abs_diff_lse"] == 3e-6 and rec["peer_us_min"] == 299.0
     assert rec["host_us"] == 60.0 and rec["meta_us"] == 5.0
     flops, nbytes = bench.config_work(bench.BenchConfig(b=128, s_q=1, h_q=128, seqlen=4096,
                                                         varlen=True))
@@ -173,6 +182,7 @@ def test_failed_record_is_valid_json():
     back = json.loads(bench.json_line(rec))
     assert back["error"] == "RuntimeError: boom"
     assert back["us"] is None and back["speed_ratio"] is None
+    assert back["target_met"] is None and back["best_peer"] is None
     nan = dict(rec, max_abs_diff_out=float("nan"), max_abs_diff_lse=np.float32(np.inf))
     back = json.loads(bench.json_line(nan))            # strict JSON: NaN/inf become null
     assert back["max_abs_diff_out"] is None and back["max_abs_diff_lse"] is None
@@ -197,18 +207,30 @@ def test_table_alignment():
     lines = bench.format_table(records)
     titles, rule, rows = lines[0], lines[1], lines[2:]
     for title in ("config", "µs", "TB/s", "TFLOP/s", "%BW-roof", "%MMA-roof", "FlashMLA µs",
-                  "ours/FlashMLA", "host µs/call"):
+                  "FlashInfer µs", "ratio", "target", "host µs", "meta µs", "max|Δout|"):
         assert title in titles
+    assert "kernel" not in titles                              # only 'auto': no kernel column
     assert set(rule) == {"-"} and len(rule) == len(titles)
     assert all(len(r) == len(titles) for r in rows)
     # every column ends at the same place in every line
-    ends = [titles.index("TB/s") + len("TB/s"), titles.index("host µs/call") + 12]
+    ends = [titles.index("TB/s") + len("TB/s"), titles.index("host µs") + len("host µs")]
     for r in rows:
         for e in ends:
             assert r[e - 1] != " " and (e == len(r) or r[e] == " ")
     assert rows[0].startswith("b128 s_q1 h128 varlen")
-    assert "250.0" in rows[0] and "1.200" in rows[0]
+    assert "250.0" in rows[0] and "1.120" in rows[0] and " yes " in rows[0]
     assert rows[1].split()[4] == "-"                            # missing values as '-'
+
+
+def test_table_fits_a_screen():
+    names = [c.name for c in bench.sweep_configs("all")]
+    cols = bench.table_columns(max(len(n) for n in names), kernel_column=True)
+    assert len(bench.format_header(cols)[0]) <= 150
+    recs = [_sample_record(kernel="portable"), _sample_record(kernel="sm90")]
+    lines = bench.format_table(recs)
+    assert "kernel" in lines[0]
+    assert lines[2].split()[4] == "portable" and lines[3].split()[4] == "sm90"
+    assert all(len(line) <= 150 for line in lines)
 
 
 def test_error_rows_carry_the_message():
@@ -277,3 +299,111 @@ def test_impossible_timings_are_flagged():
     assert rec["suspect"].startswith("FlashMLA faster than the read roof")
     assert "timing suspect" in bench.format_row(rec, bench.table_columns(20))
     assert bench.make_result(cfg, slow, slow, bw_roof_tbps=4.5)["suspect"] is None
+
+
+# --- peers, ratio and target ---
+
+def test_best_peer_ratio_and_target():
+    assert bench.best_peer({"FlashMLA": 158.0, "FlashInfer": 151.0}) == ("FlashInfer", 151.0)
+    assert bench.best_peer({"FlashMLA": 158.0, "FlashInfer": None}) == ("FlashMLA", 158.0)
+    assert bench.best_peer({"FlashMLA": None, "FlashInfer": None}) == (None, None)
+    assert bench.speed_ratio(151.0, 100.0) == pytest.approx(1.51)
+    assert bench.speed_ratio(None, 100.0) is None and bench.speed_ratio(151.0, None) is None
+    assert bench.TARGET_FRACTION == 0.95
+    assert bench.target_met(95.0, 100.0) is True                 # exactly 0.95 x best peer
+    assert bench.target_met(95.1, 100.0) is False
+    assert bench.target_met(None, 100.0) is None and bench.target_met(90.0, None) is None
+
+
+def test_ratio_uses_the_best_peer_and_only_flashmla_when_alone():
+    cfg = bench.BenchConfig(b=128, s_q=1, h_q=16, seqlen=4096)
+    ours = bench.summarize_times([151.0], [30.0], True)
+    fm = bench.summarize_times([158.0], [80.0], True)
+    rec = bench.make_result(cfg, ours, fm)
+    assert rec["best_peer"] == "FlashMLA" and rec["fi_us"] is None
+    assert rec["speed_ratio"] == pytest.approx(158 / 151)
+    assert rec["target_met"] is False                           # 151 > 0.95 * 158 = 150.1
+    assert bench.make_result(cfg, ours)["target_met"] is None
+
+
+def test_flashinfer_csr_metadata():
+    lens = np.array([1, 64, 65, 200], dtype=np.int32)
+    table, _ = bench.build_block_table(lens, 64, np.random.default_rng(3))
+    qo, kv_indptr, ids, kv_lens = bench.flashinfer_csr(lens, table, s_q=2, page=64)
+    assert qo.tolist() == [0, 2, 4, 6, 8]
+    assert kv_indptr.tolist() == [0, 1, 2, 4, 8]
+    assert ids.tolist() == (table[0, :1].tolist() + table[1, :1].tolist()
+                            + table[2, :2].tolist() + table[3, :4].tolist())
+    assert kv_lens.tolist() == lens.tolist()
+    assert all(x.dtype == np.int32 for x in (qo, kv_indptr, ids, kv_lens))
+
+
+def test_parse_kernels():
+    assert bench.parse_kernels("auto") == ["auto"]
+    assert bench.parse_kernels("sm90, portable,sm90") == ["sm90", "portable"]
+    for bad in ("", "fast", "auto,cuda"):
+        with pytest.raises(ValueError):
+            bench.parse_kernels(bad)
+    assert bench.parse_args([]).kernel_list == ["auto"]
+    assert bench.parse_args(["--kernels", "auto,portable"]).kernel_list == ["auto", "portable"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--kernels", "nope"])
+
+
+def test_kernels_available_without_forcing(monkeypatch):
+    assert bench.kernels_available(["auto"]) == (["auto"], None)
+    import mla_cupy
+    fake = type(sys)("mla_cupy._select")                      # a _select without forced()
+    monkeypatch.setitem(sys.modules, "mla_cupy._select", fake)
+    monkeypatch.setattr(mla_cupy, "_select", fake, raising=False)
+    kinds, note = bench.kernels_available(["sm90", "portable"])
+    assert kinds == ["auto"] and "auto only" in note
+    fake.forced = lambda kind: None
+    assert bench.kernels_available(["sm90", "portable"]) == (["sm90", "portable"], None)
+
+
+def test_flashinfer_option():
+    assert bench.parse_args([]).flashinfer is True
+    assert bench.parse_args(["--no-flashinfer"]).flashinfer is False
+
+
+# --- extra sweep ---
+
+def test_extra_sweep_contents():
+    configs = bench.extra_sweep()
+    names = [c.name for c in configs]
+    assert len(names) == len(set(names))
+    assert not set(names) & {c.name for c in bench.standard_sweep()}
+    assert "b64 s_q1 h16 1K+16K/8" in names
+    assert "b128 s_q4 h16" in names and "b128 s_q4 h32" in names
+    assert "b4 s_q1 h128 8K" in names and "b32 s_q1 h16 32K" in names
+    for c in configs:
+        assert (c.h_kv, c.d, c.dv, c.page, c.causal) == (1, 576, 512, 64, True)
+    keys = [k for k, _ in bench.group_by_kv(configs)]
+    assert len(keys) == len(set(keys))                          # configs sharing KV adjacent
+
+
+def test_skewed_seqlens():
+    cfg = bench.BenchConfig(b=64, s_q=1, h_q=16, seqlen=1024, long_seqlen=16384, long_every=8)
+    lens = cfg.seqlens()
+    assert lens.dtype == np.int32 and lens.shape == (64,)
+    assert (lens[7::8] == 16384).all() and (np.delete(lens, np.s_[7::8]) == 1024).all()
+    assert bench.config_work(cfg)[0] == 16 * (56 * 1024 + 8 * 16384) * 2 * (576 + 512)
+    plain = bench.BenchConfig(b=64, s_q=1, h_q=16, seqlen=1024)
+    assert cfg.kv_key != plain.kv_key
+
+
+def test_sweep_selection():
+    def names(argv):
+        return [c.name for c in bench.select_configs(bench.parse_args(argv))]
+    standard = [c.name for c in bench.standard_sweep()]
+    extra = [c.name for c in bench.extra_sweep()]
+    assert names([]) == standard
+    assert names(["--sweep", "extra"]) == extra
+    assert names(["--sweep", "all"]) == standard + extra
+    assert names(["--quick"]) == [c.name for c in bench.quick_sweep()]
+    args = bench.parse_args(["--quick", "--sweep", "extra"])
+    assert args.iters == bench.QUICK_ITERS and names(["--quick", "--sweep", "extra"]) == extra
+    assert names(["--sweep", "all", "--filter", "s_q4"]) == ["b128 s_q4 h16", "b128 s_q4 h32"]
+    with pytest.raises(ValueError):
+        bench.sweep_configs("huge")
