@@ -1,13 +1,14 @@
-"""Compile entry: assembles kernels/*.cuh into one translation unit and builds modules.
+"""Compile entry: assembles kernels/*.cuh into translation units and builds modules.
 
-* One translation unit for every module: the kernel sources in a fixed order, preceded by a
-  first line naming the package version and a SHA-256 of all of them, and the params
-  static_asserts. CuPy keys its disk cache on the source text, so any change to any kernel
-  file changes every module's key: a stale cached binary can never be loaded.
-* A module is a ``Variant``: a name plus the template instantiations it holds
-  (``name_expressions``). ``get_module(device, variant)`` compiles it through NVRTC
-  (``cupy.RawModule``) once per process and device; ``compile_offline(variant, arch)`` builds
-  a cubin with NVRTC alone, no GPU needed (the compile test lane and resource reports).
+* A module is a ``Variant``: a name, the template instantiations it holds
+  (``name_expressions``), the kernel files making its translation unit, its target arch (None:
+  the device's own) and extra NVRTC options. Scheduler, combine and each decode configuration
+  are variants of their own.
+* ``translation_unit(files)``: the files in order, preceded by a first line naming the package
+  version and a SHA-256 of those sources, with the params static_asserts after params.cuh.
+* ``get_module(device, variant)`` compiles a variant once per process and device;
+  ``compile_offline(variant, arch)`` builds a cubin with NVRTC alone, no GPU needed (the
+  compile test lane and resource reports).
 * ``decode_config`` picks the decode kernel's tile (query rows per CTA) and pipeline depth
   from the problem and the device's shared-memory limit; its byte count mirrors
   ``DecodeTraits::SMEM_BYTES`` (the kernel traps if it is launched with less).
@@ -31,7 +32,10 @@ from .support import DTYPES, HEAD_DIMS
 
 logger = logging.getLogger("mla_cupy")
 
-KERNEL_FILES = ("prelude.cuh", "params.cuh", "scheduler.cuh", "decode_sm80.cuh", "combine.cuh")
+COMMON_FILES = ("prelude.cuh", "params.cuh")  # every translation unit starts with these
+METADATA_FILES = COMMON_FILES + ("scheduler.cuh",)
+COMBINE_FILES = COMMON_FILES + ("combine.cuh",)
+DECODE_FILES = COMMON_FILES + ("decode_sm80.cuh",)
 NVRTC_OPTIONS = ("-std=c++17",)
 
 # Decode kernel tile constants (mirror kernels/decode_sm80.cuh DecodeTraits).
@@ -46,27 +50,36 @@ SMEM_RESERVED_PER_CTA = 1024  # the hardware keeps 1 KB of every CTA's shared me
 def _kernels_dir():
     try:
         root = importlib.resources.files("mla_cupy.kernels")
-        if root.joinpath(KERNEL_FILES[0]).is_file():
+        if root.joinpath(COMMON_FILES[0]).is_file():
             return root
     except ModuleNotFoundError:
         pass
     root = pathlib.Path(__file__).resolve().parent.parent / "kernels"
-    if not (root / KERNEL_FILES[0]).is_file():
+    if not (root / COMMON_FILES[0]).is_file():
         raise CompileError(f"kernel sources not found (looked in mla_cupy.kernels and {root})")
     return root
 
 
 @functools.cache
-def _sources():
-    root = _kernels_dir()
-    return tuple((name, root.joinpath(name).read_text(encoding="utf-8")) for name in KERNEL_FILES)
+def kernel_files():
+    """Names of every kernel source file shipped with the package, sorted."""
+    return tuple(sorted(p.name for p in _kernels_dir().iterdir() if p.name.endswith(".cuh")))
 
 
 @functools.cache
-def source_digest():
-    """SHA-256 over every kernel source file (name and text), hex."""
+def _source_text(name):
+    return _kernels_dir().joinpath(name).read_text(encoding="utf-8")
+
+
+def _sources(files):
+    return tuple((name, _source_text(name)) for name in files)
+
+
+@functools.cache
+def source_digest(files=None):
+    """SHA-256 (hex) over the named kernel source files (name and text); default: all of them."""
     h = hashlib.sha256()
-    for name, text in _sources():
+    for name, text in _sources(kernel_files() if files is None else files):
         h.update(name.encode())
         h.update(b"\0")
         h.update(text.encode())
@@ -75,10 +88,13 @@ def source_digest():
 
 
 @functools.cache
-def translation_unit():
-    """The full CUDA source every module is compiled from."""
-    parts = [f"// mla_cupy {__version__} kernels sha256:{source_digest()}\n"]
-    for name, text in _sources():
+def translation_unit(files):
+    """The CUDA source made of `files` (kernels/*.cuh names, in order): a first line with the
+    package version and the SHA-256 of those sources, then each file; the parameter layout
+    checks follow params.cuh."""
+    files = tuple(files)
+    parts = [f"// mla_cupy {__version__} kernels sha256:{source_digest(files)}\n"]
+    for name, text in _sources(files):
         parts.append(f"// ---- {name} ----\n{text}\n")
         if name == "params.cuh":
             parts.append("// ---- generated: parameter layout checks ----\n" + _params.static_asserts())
@@ -87,10 +103,26 @@ def translation_unit():
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One compiled module: a name and the kernel instantiations it holds."""
+    """One compiled module.
+
+    name: unique module name (also names cache entries and dumped sources).
+    name_expressions: the kernel instantiations it holds; launchers find a kernel by its
+        expression, never by position.
+    files: kernels/*.cuh making its translation unit, in order.
+    arch: None for portable code (built for the device's own ``sm_XY``), or the one target it
+        is written for, e.g. "sm_90a".
+    options: NVRTC options beyond ``NVRTC_OPTIONS``.
+    """
 
     name: str
     name_expressions: tuple
+    files: tuple
+    arch: str | None = None
+    options: tuple = ()
+
+    def source(self):
+        """The full CUDA source this module is compiled from."""
+        return translation_unit(self.files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +141,37 @@ def _dtype_tag(dtype):
     return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
+def _cpp_bool(dtype):
+    return "true" if dtype == "bfloat16" else "false"
+
+
+METADATA_KERNEL = "mla::metadata_kernel"
+
+
 def metadata_variant():
-    return Variant("metadata", ("mla::metadata_kernel",))
+    return Variant("metadata", (METADATA_KERNEL,), METADATA_FILES)
+
+
+def combine_expression(dtype, head_dim_v):
+    return f"mla::combine_kernel<{head_dim_v}, {_cpp_bool(dtype)}>"
+
+
+def combine_variant(dtype, head_dim_v):
+    return Variant(f"combine_{_dtype_tag(dtype)}_dv{head_dim_v}", (combine_expression(dtype, head_dim_v),),
+                   COMBINE_FILES)
+
+
+def decode_expression(dtype, head_dim, head_dim_v, cfg):
+    return (f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {cfg.warps_n}, "
+            f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}, {_cpp_bool(dtype)}>")
 
 
 def decode_variant(dtype, head_dim, head_dim_v, cfg):
-    bf16 = "true" if dtype == "bfloat16" else "false"
     return Variant(
         f"decode_{_dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_m{cfg.m_tile}_s{cfg.stages}"
         f"_w{cfg.warps_n}_t{cfg.m_tiles_per_warp}_n{cfg.kv_tile}",
-        (
-            f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {cfg.warps_n}, "
-            f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}, {bf16}>",
-            f"mla::combine_kernel<{head_dim_v}, {bf16}>",
-        ),
+        (decode_expression(dtype, head_dim, head_dim_v, cfg),),
+        DECODE_FILES,
     )
 
 
@@ -181,10 +230,12 @@ def decode_config(head_dim, m, smem_per_block, smem_per_sm=None):
 
 
 def all_variants():
-    """Every module a supported GPU can need: metadata, and decode+combine per config."""
+    """Every module a supported GPU can need: metadata, combine and decode per config."""
     out = {metadata_variant().name: metadata_variant()}
     for dtype in DTYPES:
         for d, dv in HEAD_DIMS:
+            v = combine_variant(dtype, dv)
+            out[v.name] = v
             for smem_block, smem_sm in SMEM_CLASSES:
                 for m in M_TILES:
                     cfg = decode_config(d, m, smem_block, smem_sm)
@@ -205,7 +256,7 @@ def _dump(variant):
     if CONFIG.dump_source:
         path = pathlib.Path(CONFIG.dump_source)
         path.mkdir(parents=True, exist_ok=True)
-        (path / f"{variant.name}.cu").write_text(translation_unit())
+        (path / f"{variant.name}.cu").write_text(variant.source())
 
 
 class allow_compile:
@@ -243,8 +294,9 @@ def get_module(device_id, variant):
             os.environ["CUPY_CACHE_DIR"] = CONFIG.cache_dir
         try:
             with cupy.cuda.Device(device_id):
+                arch_options = () if variant.arch is None else (f"--gpu-architecture={variant.arch}",)
                 mod = cupy.RawModule(
-                    code=translation_unit(), options=NVRTC_OPTIONS, name_expressions=list(variant.name_expressions)
+                    code=variant.source(), options=(*arch_options, *NVRTC_OPTIONS, *variant.options), name_expressions=list(variant.name_expressions)
                 )
                 for expr in variant.name_expressions:
                     mod.get_function(expr)  # compile (or load from the disk cache) now
@@ -268,18 +320,23 @@ class OfflineBuild:
     lowered_names: dict
 
 
-def compile_offline(variant, arch, extra_options=()):
-    """Builds `variant` for `arch` (e.g. "sm_80", "sm_90a") with NVRTC alone; no GPU needed.
+def compile_offline(variant, arch=None, extra_options=()):
+    """Builds `variant` with NVRTC alone, no GPU needed: for the variant's own arch when it
+    declares one, else for `arch` (e.g. "sm_80", "sm_90a").
 
     The log carries ptxas' resource report (registers, shared memory, spills) per kernel.
     """
     from cupy_backends.cuda.libs import nvrtc
 
-    prog = nvrtc.createProgram(translation_unit(), f"{variant.name}.cu", [], [])
+    arch = variant.arch or arch
+    if arch is None:
+        raise ValueError(f"compile_offline({variant.name!r}): the variant is portable; name an arch")
+    prog = nvrtc.createProgram(variant.source(), f"{variant.name}.cu", [], [])
     try:
         for expr in variant.name_expressions:
             nvrtc.addNameExpression(prog, expr)
-        options = [f"--gpu-architecture={arch}", *NVRTC_OPTIONS, "--ptxas-options=--verbose", *extra_options]
+        options = [f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *variant.options, "--ptxas-options=--verbose",
+                   *extra_options]
         try:
             nvrtc.compileProgram(prog, options)
         except nvrtc.NVRTCError as exc:
@@ -300,7 +357,7 @@ def probe_param_offsets(arch="compute_80"):
 
     from cupy_backends.cuda.libs import nvrtc
 
-    src = "".join(text for name, text in _sources() if name in ("prelude.cuh", "params.cuh"))
+    src = "".join(text for _, text in _sources(COMMON_FILES))
     src += _params.offset_probe_source()
     prog = nvrtc.createProgram(src, "params_probe.cu", [], [])
     try:

@@ -45,26 +45,26 @@ def _kernel(device_id, variant, expr, smem_bytes=0):
 _functions = {}
 
 
-def prepare_decode(device_id, variant, cfg):
-    """Loads the decode and combine functions of `variant` and sets their launch attributes."""
-    _kernel(device_id, variant, variant.name_expressions[0], cfg.smem_bytes)
-    _kernel(device_id, variant, variant.name_expressions[1])
+def prepare_decode(device_id, dtype, head_dim, head_dim_v, cfg):
+    """Loads the decode and combine functions of a problem and sets their launch attributes."""
+    _kernel(device_id, _compile.decode_variant(dtype, head_dim, head_dim_v, cfg),
+            _compile.decode_expression(dtype, head_dim, head_dim_v, cfg), cfg.smem_bytes)
+    _kernel(device_id, _compile.combine_variant(dtype, head_dim_v), _compile.combine_expression(dtype, head_dim_v))
 
 
 def launch_metadata(device_id, stream, params):
     """One warp builds the tile-scheduler metadata on the GPU."""
-    variant = _compile.metadata_variant()
-    fn = _kernel(device_id, variant, variant.name_expressions[0])
+    fn = _kernel(device_id, _compile.metadata_variant(), _compile.METADATA_KERNEL)
     fn((1,), (32,), (params,), 0, stream)
 
 
-def launch_decode(device_id, stream, variant, cfg, params, num_m_blocks, h_kv, num_sm_parts):
-    fn = _kernel(device_id, variant, variant.name_expressions[0], cfg.smem_bytes)
+def launch_decode(device_id, stream, variant, expr, cfg, params, num_m_blocks, h_kv, num_sm_parts):
+    fn = _kernel(device_id, variant, expr, cfg.smem_bytes)
     fn((num_m_blocks, h_kv, num_sm_parts), (cfg.threads,), (params,), cfg.smem_bytes, stream)
 
 
-def launch_combine(device_id, stream, variant, params, batch, h_kv, m, head_dim_v):
-    fn = _kernel(device_id, variant, variant.name_expressions[1])
+def launch_combine(device_id, stream, variant, expr, params, batch, h_kv, m, head_dim_v):
+    fn = _kernel(device_id, variant, expr)
     units = m * (head_dim_v // COMBINE_SLICE_COLUMNS)
     grid = (batch * ((units + COMBINE_WARPS - 1) // COMBINE_WARPS), h_kv)
     fn(grid, (32 * COMBINE_WARPS,), (params,), 0, stream)

@@ -211,6 +211,9 @@ class _DecodePlan:
     def __init__(self, device_id, a, pb, cfg):
         self.device_id, self.pb, self.cfg = device_id, pb, cfg
         self.variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
+        self.expr = _compile.decode_expression(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
+        self.combine_variant = _compile.combine_variant(pb.dtype, pb.head_dim_v)
+        self.combine_expr = _compile.combine_expression(pb.dtype, pb.head_dim_v)
         q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
         self.out_shape = (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v)
         self.lse_shape = (pb.batch, pb.h_q, pb.s_q)
@@ -246,10 +249,10 @@ class _DecodePlan:
             **ptrs, q=a["q"].data.ptr, kv=a["k_cache"].data.ptr, block_table=a["block_table"].data.ptr,
             seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr)
         combine = self.combine.pack(**ptrs)
-        _launch.launch_decode(self.device_id, ctx.stream, self.variant, self.cfg, decode, self.num_m_blocks,
-                              pb.h_kv, pb.num_sm_parts)
-        _launch.launch_combine(self.device_id, ctx.stream, self.variant, combine, pb.batch, pb.h_kv, pb.m,
-                               pb.head_dim_v)
+        _launch.launch_decode(self.device_id, ctx.stream, self.variant, self.expr, self.cfg, decode,
+                              self.num_m_blocks, pb.h_kv, pb.num_sm_parts)
+        _launch.launch_combine(self.device_id, ctx.stream, self.combine_variant, self.combine_expr, combine,
+                               pb.batch, pb.h_kv, pb.m, pb.head_dim_v)
         return out_a, lse_a
 
 
@@ -324,22 +327,24 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
 
     device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
     _check_device(device_id)
-    variants = [(_compile.metadata_variant(), None)]
+    variants = [_compile.metadata_variant()]
+    problems = []
     for d, dv in head_dims:
         for m in ms:
             cfg = _decode_config(device_id, d, m)
             for dt in dtypes:
-                variants.append((_compile.decode_variant(dt, d, dv, cfg), cfg))
+                variants += [_compile.decode_variant(dt, d, dv, cfg), _compile.combine_variant(dt, dv)]
+                problems.append((dt, d, dv, cfg))
     seconds = {}
     with _compile.allow_compile():
-        for variant, cfg in variants:
+        for variant in variants:
             if variant.name in seconds:
                 continue
             t0 = time.perf_counter()
             _compile.get_module(device_id, variant)
-            if cfg is not None:
-                _launch.prepare_decode(device_id, variant, cfg)
             seconds[variant.name] = time.perf_counter() - t0
+        for problem in problems:
+            _launch.prepare_decode(device_id, *problem)
     return seconds
 
 

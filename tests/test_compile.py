@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import mla_cupy
 from mla_cupy import _compile, _params
 from mla_cupy.support import DTYPES, HEAD_DIMS
 
@@ -16,15 +17,20 @@ VARIANTS = _compile.all_variants()
 def test_variant_set_covers_every_supported_problem():
     names = {v.name for v in VARIANTS}
     assert "metadata" in names
+    assert len(names) == len(VARIANTS)
     for dtype in DTYPES:
         tag = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
         for d, dv in HEAD_DIMS:
+            assert f"combine_{tag}_dv{dv}" in names
             for m_tile in _compile.M_TILES:
                 assert any(n.startswith(f"decode_{tag}_d{d}_dv{dv}_m{m_tile}_") for n in names), (dtype, d, m_tile)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+# Portable variants build for every arch of the lane; an arch-specific one for its own only.
+BUILDS = [(v, arch) for v in VARIANTS for arch in ((v.arch,) if v.arch else ARCHS)]
+
+
+@pytest.mark.parametrize("variant,arch", BUILDS, ids=lambda x: x if isinstance(x, str) else x.name)
 def test_variant_compiles(variant, arch):
     build = _compile.compile_offline(variant, arch)
     assert build.cubin[:4] == b"\x7fELF"
@@ -63,30 +69,50 @@ def test_param_struct_offsets_match_numpy_dtypes():
     assert _compile.probe_param_offsets() == expected
 
 
-def test_translation_unit_names_version_and_source_hash():
-    tu = _compile.translation_unit()
+@pytest.mark.parametrize("variant", VARIANTS[:1] + VARIANTS[-1:], ids=lambda v: v.name)
+def test_translation_unit_names_version_and_source_hash(variant):
+    tu = variant.source()
     first = tu.splitlines()[0]
-    assert _compile.source_digest() in first
-    assert len(_compile.source_digest()) == 64
-    for name in _compile.KERNEL_FILES:
-        assert f"// ---- {name} ----" in tu
+    assert mla_cupy.__version__ in first
+    assert _compile.source_digest(variant.files) in first
+    assert len(_compile.source_digest(variant.files)) == 64
+    positions = [tu.index(f"// ---- {name} ----") for name in variant.files]
+    assert positions == sorted(positions)
+    # The generated layout checks follow params.cuh.
+    assert positions[1] < tu.index("generated: parameter layout checks") < positions[2]
+
+
+_CACHED = (_compile._source_text, _compile.source_digest, _compile.translation_unit)
+
+
+def _clear_source_caches():
+    for fn in _CACHED:
+        fn.cache_clear()
 
 
 def test_source_hash_sees_every_kernel_file(monkeypatch):
+    files = _compile.kernel_files()
+    assert set(files) >= set(_compile.COMMON_FILES)
     base = _compile.source_digest()
-    original = _compile._sources()
-    for i, (name, text) in enumerate(original):
-        changed = original[:i] + ((name, text + "\n// edited\n"),) + original[i + 1:]
-        _compile.source_digest.cache_clear()
-        monkeypatch.setattr(_compile, "_sources", lambda changed=changed: changed)
-        assert _compile.source_digest() != base, name
-    monkeypatch.undo()
-    _compile.source_digest.cache_clear()
+    original = _compile._source_text
+    try:
+        for name in files:
+            edited = lambda n, name=name: original(n) + ("\n// edited\n" if n == name else "")  # noqa: E731
+            _clear_source_caches()
+            monkeypatch.setattr(_compile, "_source_text", edited)
+            assert _compile.source_digest() != base, name
+            users = [v for v in VARIANTS if name in v.files]
+            for v in users[:1]:
+                assert _compile.source_digest(v.files) in v.source().splitlines()[0]
+        monkeypatch.undo()
+    finally:
+        _clear_source_caches()
     assert _compile.source_digest() == base
 
 
 def test_bad_source_raises_compile_error_with_log():
-    bad = _compile.Variant("bad", ("mla::decode_kernel<576, 512, 80, 2, 4, 1, 32, true>",))  # M_TILE 80 is rejected
+    bad = _compile.Variant("bad", ("mla::decode_kernel<576, 512, 80, 2, 4, 1, 32, true>",),  # M_TILE 80 is rejected
+                           _compile.DECODE_FILES)
     with pytest.raises(_compile.CompileError) as info:
         _compile.compile_offline(bad, "sm_80")
     assert "M_TILE" in info.value.log
