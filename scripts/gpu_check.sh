@@ -9,10 +9,12 @@
 #   GPU_CHECK_TESTS=0          skip the test lanes
 #   GPU_CHECK_KERNELS          kernel paths of the test lanes (default "portable sm90"); each
 #                              lane runs with MLA_CUPY_KERNEL set to one of them
+#   GPU_CHECK_HOST_PROFILE=0   skip scripts/host_profile.py (host µs per call; on by default)
 #   GPU_CHECK_BENCH_ARGS       benchmark options (default "--kernels auto,portable"), before
 #                              the command line's own
 #   MLA_CUPY_OUT_DIR           logs go there (gpu_tests_<kernel>.log, bench.txt, bench.jsonl,
-#                              flashinfer_setup.log); a temporary folder otherwise
+#                              host_profile.txt, flashinfer_setup.log); a temporary folder
+#                              otherwise
 # Peers: .peers/flashmla is used as it is; when .peers/flashinfer holds flashinfer_setup.sh
 # (scripts/get_peers.sh puts it there), FlashInfer's kernels are built in the background from the
 # first second (build/flashinfer_peer, reused while the machine lives) and put on the Python path
@@ -103,12 +105,22 @@ python3 -m mla_cupy.bench "${bench_args[@]}" 2>&1 | tee "$bench_log"
 bench_rc=${PIPESTATUS[0]}
 bench_s=$((SECONDS - start))
 
+# Host cost per call (a few seconds).
+host_log="$logs/host_profile.txt"
+if [[ ${GPU_CHECK_HOST_PROFILE:-1} != 0 ]]; then
+  section "host profile: python scripts/host_profile.py"
+  python3 scripts/host_profile.py 2>&1 | tee "$host_log"
+else
+  : > "$host_log"
+fi
+
 # (d) summary, last.
 section "summary"
 for line in "${lane_lines[@]}"; do
   echo "$line"
 done
 echo "FlashInfer peer: $fi_state"
+sed -n '/^call /,$p' "$host_log"
 echo "benchmark (exit $bench_rc, ${bench_s} s)${out_dir:+; JSON lines in $out_dir/bench.jsonl}:"
 # The GPU, date and peer lines of the benchmark's header, then its table (from the "config"
 # header line to the first blank line); all of its output if it printed no table.

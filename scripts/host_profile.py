@@ -1,49 +1,216 @@
-"""Host-side cost of one decode call: wall time per call and a cProfile of the Python path.
+"""Host-side cost of one decode call: Python wall time per call, plain loop, no synchronisation.
 
-Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/host_profile.py
+Measures ``flash_mla_with_kvcache`` with CuPy arrays, with torch tensors and with JAX arrays
+(each when the framework can be imported and sees the GPU), ``get_mla_metadata``, and, when the
+FlashMLA peer is present (``--peer``, default .peers/flashmla), FlashMLA's own call with torch
+tensors, all at b = 128, s_q 1, h_q 16, and prints a table against the targets.
+
+Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/host_profile.py [--profile]
 """
+import argparse
 import cProfile
+import os
 import pstats
+import statistics
+import sys
 import time
 
-import cupy
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU
 
-import mla_cupy
+import numpy as np  # noqa: E402
+
+B, S_Q, H_Q, H_KV, D, DV, PAGE, SEQLEN = 128, 1, 16, 1, 576, 512, 64, 512
+TARGETS_US = {"cupy": 20.0, "torch": 30.0, "jax": 30.0, "metadata": 20.0}
 
 
-def main():
-    b, s_q, h_q, d, dv, page, sk = 128, 1, 16, 576, 512, 64, 512
-    nb = b * sk // page
-    kc = cupy.random.standard_normal((nb, page, 1, d), dtype=cupy.float32).astype(cupy.float16)
-    q = cupy.random.standard_normal((b, s_q, h_q, d), dtype=cupy.float32).astype(cupy.float16)
-    bt = cupy.arange(nb, dtype=cupy.int32).reshape(b, -1)
-    sl = cupy.full((b,), sk, dtype=cupy.int32)
-    sched, ns = mla_cupy.get_mla_metadata(sl, s_q * h_q, 1)
-    call = lambda: mla_cupy.flash_mla_with_kvcache(q, kc, bt, sl, dv, sched, ns, causal=True)  # noqa: E731
+def host_us(fn, calls, rounds, sync):
+    """Median over ``rounds`` of the mean wall time of ``calls`` back-to-back calls (µs).
+
+    No synchronisation inside a round; ``sync`` waits for the GPU between rounds so that a
+    round never blocks on a full launch queue left by the one before."""
     for _ in range(20):
-        call()
-    cupy.cuda.Device().synchronize()
-    n = 300
-    t0 = time.perf_counter()
-    for _ in range(n):
-        call()
-    t1 = time.perf_counter()
-    cupy.cuda.Device().synchronize()
-    print(f"host time per flash_mla_with_kvcache call: {(t1 - t0) / n * 1e6:.1f} us")
-    t0 = time.perf_counter()
-    for _ in range(n):
-        mla_cupy.get_mla_metadata(sl, s_q * h_q, 1)
-    t1 = time.perf_counter()
-    cupy.cuda.Device().synchronize()
-    print(f"host time per get_mla_metadata call: {(t1 - t0) / n * 1e6:.1f} us")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        call()
-    prof.disable()
-    cupy.cuda.Device().synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+        fn()
+    sync()
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_round.append((time.perf_counter() - t0) / calls * 1e6)
+        sync()
+    return statistics.median(per_round), min(per_round)
+
+
+def _inputs_np():
+    rng = np.random.default_rng(0)
+    nb = B * SEQLEN // PAGE
+    q = (rng.standard_normal((B, S_Q, H_Q, D)) * 0.1).astype(np.float32)
+    kc = (rng.standard_normal((nb, PAGE, H_KV, D)) * 0.1).astype(np.float32)
+    bt = rng.permutation(nb).astype(np.int32).reshape(B, -1)
+    sl = np.full(B, SEQLEN, dtype=np.int32)
+    return q, kc, bt, sl
+
+
+def case_cupy(mla, arrays):
+    import cupy
+    from mla_cupy.bench import _to_bf16
+    q, kc, bt, sl = arrays
+    q, kc = (_to_bf16(cupy, cupy.asarray(x)) for x in (q, kc))
+    bt, sl = cupy.asarray(bt), cupy.asarray(sl)
+    sched, ns = mla.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
+
+    def call():
+        return mla.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns, causal=True)
+
+    def meta():
+        return mla.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
+    sync = cupy.cuda.Device().synchronize
+    return call, meta, sync
+
+
+def case_torch(mla, arrays):
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch sees no GPU")
+    q, kc, bt, sl = (torch.from_numpy(x).cuda() for x in arrays)
+    q, kc = q.to(torch.bfloat16), kc.to(torch.bfloat16)
+    sched, ns = mla.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
+
+    def call():
+        return mla.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns, causal=True)
+    return call, (q, kc, bt, sl), torch.cuda.synchronize
+
+
+def case_jax(mla, arrays):
+    import jax
+    import jax.numpy as jnp
+    dev = jax.devices("gpu")[0]
+    q, kc, bt, sl = (jax.device_put(x, dev) for x in arrays)
+    q, kc = q.astype(jnp.bfloat16), kc.astype(jnp.bfloat16)
+    sched, ns = mla.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
+    last = []
+
+    def call():
+        out = mla.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns, causal=True)
+        last[:] = [out]
+        return out
+
+    def sync():
+        if last:
+            jax.block_until_ready(last[0])
+    return call, sync
+
+
+def case_flashmla(path, torch_inputs):
+    import torch
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import flash_mla_interface as fm
+    q, kc, bt, sl = torch_inputs
+    sched, _ = fm.get_mla_metadata()
+
+    def call():
+        return fm.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, None,
+                                         softmax_scale=D ** -0.5, causal=True)
+    return call, torch.cuda.synchronize
+
+
+def _short(exc, limit=90):
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def format_rows(rows):
+    """rows: (what, median µs or None, min µs or None, target µs or None, note)."""
+    head = f"{'call':<46} {'µs/call':>8} {'min':>8} {'target':>7} {'met':>4}"
+    lines = [head, "-" * len(head)]
+    for what, med, low, target, note in rows:
+        def num(v, spec):
+            return "-" if v is None else format(v, spec)
+        met = "-" if med is None or target is None else ("yes" if med <= target else "no")
+        line = (f"{what:<46} {num(med, '8.1f'):>8} {num(low, '8.1f'):>8} "
+                f"{num(target, '7.0f') if target else '-':>7} {met:>4}")
+        if note:
+            line += "  " + note
+        lines.append(line)
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=200, help="calls per round (default 200)")
+    p.add_argument("--rounds", type=int, default=7, help="rounds, median taken (default 7)")
+    p.add_argument("--peer", default=os.path.join(".peers", "flashmla"),
+                   help="FlashMLA peer folder (default %(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a cProfile of the CuPy call path")
+    args = p.parse_args(argv)
+    import mla_cupy
+
+    arrays = _inputs_np()
+    shape = f"b{B} s_q{S_Q} h{H_Q}"
+    rows = []
+
+    def measure(what, target, make):
+        try:
+            fn, sync = make()
+            med, low = host_us(fn, args.calls, args.rounds, sync)
+            rows.append((what, med, low, target, ""))
+        except ImportError as exc:
+            rows.append((what, None, None, target, f"not importable ({_short(exc, 60)})"))
+        except Exception as exc:
+            rows.append((what, None, None, target, _short(exc)))
+
+    cupy_case = []
+
+    def make_cupy():
+        cupy_case[:] = case_cupy(mla_cupy, arrays)
+        return cupy_case[0], cupy_case[2]
+    measure(f"flash_mla_with_kvcache, CuPy ({shape})", TARGETS_US["cupy"], make_cupy)
+    if cupy_case:
+        measure(f"get_mla_metadata, CuPy ({shape})", TARGETS_US["metadata"],
+                lambda: (cupy_case[1], cupy_case[2]))
+    else:
+        rows.append((f"get_mla_metadata, CuPy ({shape})", None, None, TARGETS_US["metadata"],
+                     "needs the CuPy case"))
+
+    torch_case = []
+
+    def make_torch():
+        call, inputs, sync = case_torch(mla_cupy, arrays)
+        torch_case[:] = [inputs]
+        return call, sync
+    measure(f"flash_mla_with_kvcache, torch ({shape})", TARGETS_US["torch"], make_torch)
+    measure(f"flash_mla_with_kvcache, JAX ({shape})", TARGETS_US["jax"],
+            lambda: case_jax(mla_cupy, arrays))
+    if os.path.isfile(os.path.join(args.peer, "flash_mla_interface.py")):
+        if torch_case:
+            measure(f"FlashMLA, torch ({shape}; reference)", None,
+                    lambda: case_flashmla(args.peer, torch_case[0]))
+        else:
+            rows.append((f"FlashMLA, torch ({shape}; reference)", None, None, None,
+                         "needs torch"))
+    else:
+        rows.append((f"FlashMLA, torch ({shape}; reference)", None, None, None,
+                     f"peer not found in {args.peer}"))
+
+    print(f"host time per call: plain loop of {args.calls} calls without synchronisation, "
+          f"median of {args.rounds} rounds")
+    for line in format_rows(rows):
+        print(line)
+
+    if args.profile and cupy_case:
+        call, _meta, sync = cupy_case
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.calls):
+            call()
+        prof.disable()
+        sync()
+        print()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
