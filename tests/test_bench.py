@@ -407,3 +407,94 @@ def test_sweep_selection():
     assert names(["--sweep", "all", "--filter", "s_q4"]) == ["b128 s_q4 h16", "b128 s_q4 h32"]
     with pytest.raises(ValueError):
         bench.sweep_configs("huge")
+
+
+# --- orchestration, with NumPy standing in for CuPy and fakes for the GPU pieces ---
+
+def _fake_cp():
+    import types
+
+    class Stream:
+        ptr = 1
+
+        def synchronize(self):
+            pass
+
+    def rs(seed):
+        rng = np.random.default_rng(seed)
+        return types.SimpleNamespace(
+            standard_normal=lambda shape, dtype: rng.standard_normal(shape).astype(dtype))
+    return types.SimpleNamespace(
+        random=types.SimpleNamespace(RandomState=rs), float32=np.float32, uint32=np.uint32,
+        uint16=np.uint16, int16=np.int16, dtype=np.dtype, max=np.max, abs=np.abs,
+        asarray=lambda x, dtype=None: np.asarray(x, dtype=dtype),
+        cuda=types.SimpleNamespace(get_current_stream=lambda: Stream()))
+
+
+def test_run_config_alternates_kinds_and_peers(monkeypatch):
+    pytest.importorskip("ml_dtypes")
+    import contextlib
+    import types
+    import ml_dtypes
+    import mla_cupy
+
+    order = []
+
+    class Timer:
+        stream = types.SimpleNamespace(ptr=1)
+
+        def run(self, fn, n, est):
+            tag = fn(0)
+            order.append(tag if isinstance(tag, str) else "ours")
+            return bench._Samples([100.0] * n, [10.0] * n, True)
+
+    forced = []
+    select = types.ModuleType("mla_cupy._select")
+
+    @contextlib.contextmanager
+    def force(kind):
+        forced.append(kind)
+        yield
+    select.forced = force
+    monkeypatch.setitem(sys.modules, "mla_cupy._select", select)
+    monkeypatch.setattr(mla_cupy, "_select", select, raising=False)
+
+    def decode(q, k, table, lens, dv, sched, splits, softmax_scale, causal):
+        b, s_q, h_q, _ = q.shape
+        return (np.zeros((b, s_q, h_q, dv), ml_dtypes.bfloat16),
+                np.zeros((b, h_q, s_q), np.float32))
+    api = (lambda lens, q_per_k, h_kv: ("sched", "splits"), decode)
+
+    class Peer:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def prepare(self, cfg, qs, kv_sets, lens, scale):
+            def result(_):
+                out = np.full((cfg.b, cfg.s_q, cfg.h_q, cfg.dv), self.value, ml_dtypes.bfloat16)
+                lse = np.full((cfg.b, cfg.h_q, cfg.s_q), self.value / 2, np.float32)
+                return out, lse
+            return (lambda k: self.name), result
+
+    cp = _fake_cp()
+    cfg = bench.BenchConfig(b=4, s_q=2, h_q=16, seqlen=512)
+    kv = bench._make_kv_sets(cp, cfg, 2, 0)
+    args = bench.parse_args(["--iters", "3", "--kernels", "sm90,portable"])
+    peers = {"FlashMLA": Peer("FlashMLA", 0.5), "FlashInfer": Peer("FlashInfer", 0.25)}
+    recs = bench._run_config(cp, cfg, kv, Timer(), args, (4.5, 770.0), api, None, peers,
+                             ["sm90", "portable"])
+    assert [r["kernel"] for r in recs] == ["sm90", "portable"]
+    assert forced == ["sm90", "portable", "sm90", "portable"]         # two rounds
+    # round 1: per kind our call and get_mla_metadata, then each peer; round 2: the calls again
+    assert order == ["ours"] * 4 + ["FlashMLA", "FlashInfer"] + ["ours"] * 2 + ["FlashMLA",
+                                                                               "FlashInfer"]
+    for r in recs:
+        assert r["us"] == r["peer_us"] == r["fi_us"] == 100.0
+        assert r["speed_ratio"] == 1.0 and r["target_met"] is False
+        assert (r["max_abs_diff_out"], r["max_abs_diff_lse"]) == (0.5, 0.25)
+        assert (r["fi_max_abs_diff_out"], r["fi_max_abs_diff_lse"]) == (0.25, 0.125)
+        assert r["error"] is r["peer_error"] is r["fi_error"] is None
+        assert r["input_sets"] == 2
+    failed = bench._run_config(cp, cfg, kv, Timer(), args, (4.5, 770.0), None, "ImportError: x",
+                               {"FlashMLA": None, "FlashInfer": None}, ["auto"])
+    assert [r["error"] for r in failed] == ["ImportError: x"] and failed[0]["us"] is None
