@@ -6,23 +6,30 @@
   are variants of their own.
 * ``translation_unit(files)``: the files in order, preceded by a first line naming the package
   version and a SHA-256 of those sources, with the params static_asserts after params.cuh.
-* ``get_module(device, variant)`` compiles a variant once per process and device;
-  ``compile_offline(variant, arch)`` builds a cubin with NVRTC alone, no GPU needed (the
-  compile test lane and resource reports).
+* ``build_cached(variant, arch)`` runs NVRTC (no GPU needed) and keeps the binary in the
+  library's own cache directory (``cache_dir()``: MLA_CUPY_CACHE_DIR, else the user cache
+  directory), keyed by a SHA-256 of the source, options, arch, NVRTC version and kernel names;
+  ``get_module(device, variant)`` builds or reads it once per process and device and loads it.
+  ``compile_offline(variant, arch)`` builds with the same options, uncached (the compile test
+  lane and resource reports).
 * ``decode_config`` picks the decode kernel's tile (query rows per CTA) and pipeline depth
   from the problem and the device's shared-memory limit; its byte count mirrors
   ``DecodeTraits::SMEM_BYTES`` (the kernel traps if it is launched with less).
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import json
 import logging
 import os
 import pathlib
+import tempfile
 import threading
 import time
+import warnings
 
 from . import _params
 from ._env import CONFIG
@@ -247,9 +254,197 @@ def all_variants():
 
 # ---- building -----------------------------------------------------------------------------------
 
+
+@dataclasses.dataclass(frozen=True)
+class OfflineBuild:
+    cubin: bytes
+    log: str
+    lowered_names: dict
+
+
+def build_options(variant, arch):
+    """The NVRTC options of `variant` for `arch`: the same at run time and in the compile lane
+    (ptxas' verbose report only adds to the program log)."""
+    return (f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *variant.options, "--ptxas-options=--verbose")
+
+
+def _nvrtc_build(variant, arch, extra_options=()):
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(variant.source(), f"{variant.name}.cu", [], [])
+    try:
+        for expr in variant.name_expressions:
+            nvrtc.addNameExpression(prog, expr)
+        try:
+            nvrtc.compileProgram(prog, [*build_options(variant, arch), *extra_options])
+        except nvrtc.NVRTCError as exc:
+            raise CompileError(f"NVRTC failed to compile {variant.name} for {arch}", nvrtc.getProgramLog(prog)) from exc
+        lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in variant.name_expressions}
+        image = nvrtc.getCUBIN(prog) if arch.startswith("sm_") else nvrtc.getPTX(prog)
+        return OfflineBuild(bytes(image), nvrtc.getProgramLog(prog), lowered)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compile_offline(variant, arch=None, extra_options=()):
+    """Builds `variant` with NVRTC alone, no GPU needed: for the variant's own arch when it
+    declares one, else for `arch` (e.g. "sm_80", "sm_90a").
+
+    The log carries ptxas' resource report (registers, shared memory, spills) per kernel.
+    """
+    arch = variant.arch or arch
+    if arch is None:
+        raise ValueError(f"compile_offline({variant.name!r}): the variant is portable; name an arch")
+    return _nvrtc_build(variant, arch, extra_options)
+
+
+@functools.cache
+def nvrtc_version():
+    from cupy_backends.cuda.libs import nvrtc
+
+    return tuple(nvrtc.getVersion())
+
+
+@functools.cache
+def device_arch(compute_capability):
+    """NVRTC target for portable code on a device of this compute capability (e.g. 90): its own
+    ``sm_XY``, or PTX for the newest arch NVRTC knows when the device is newer than NVRTC."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    try:
+        known = tuple(nvrtc.getSupportedArchs())
+    except Exception:  # noqa: BLE001 - an NVRTC without the query: assume it knows the device
+        known = (compute_capability,)
+    if compute_capability in known or not known:
+        return f"sm_{compute_capability}"
+    return f"compute_{max(a for a in known if a <= compute_capability)}"
+
+
+# ---- the on-disk cache ---------------------------------------------------------------------------
+# One file per (variant, arch, key): a magic line, one line of JSON (key, lowered kernel names,
+# size and SHA-256 of the image) and the image itself. Written to a temporary file in the same
+# directory and renamed into place, so a reader sees a whole entry or none.
+
+_CACHE_MAGIC = b"mla_cupy kernel cache 1\n"
+_unwritable = {}  # cache directories found unwritable -> the error (warned about once)
+
+
+def cache_dir():
+    """The directory compiled kernels are cached in (MLA_CUPY_CACHE_DIR, else the user cache)."""
+    return CONFIG.cache_dir
+
+
+def cache_location():
+    """What show_config reports: the cache directory, or why kernels compile in memory."""
+    directory = cache_dir()
+    if directory in _unwritable:
+        return f"{directory} (not writable: {_unwritable[directory]}; kernels compile in memory)"
+    return directory
+
+
+def cache_key(variant, arch):
+    """SHA-256 over everything the binary depends on: source, options, arch, NVRTC, kernels."""
+    h = hashlib.sha256()
+    for part in (variant.source(), "\0".join(build_options(variant, arch)), arch,
+                 "%d.%d" % nvrtc_version(), "\0".join(variant.name_expressions)):
+        h.update(part.encode())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedBuild:
+    image: bytes  # cubin (or PTX for a device newer than NVRTC)
+    lowered_names: dict  # name expression -> lowered (mangled) kernel name
+    path: str | None  # the cache entry, None when the cache directory is not writable
+    hit: bool  # loaded from the cache, no NVRTC run
+
+
+def _read_entry(path, key, variant):
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(_CACHE_MAGIC):
+        raise ValueError("no cache header")
+    end = data.index(b"\n", len(_CACHE_MAGIC))
+    meta = json.loads(data[len(_CACHE_MAGIC):end])
+    image = data[end + 1:]
+    if meta.get("key") != key:
+        raise ValueError("key differs")
+    if len(image) != meta.get("size") or hashlib.sha256(image).hexdigest() != meta.get("sha256"):
+        raise ValueError("image truncated or altered")
+    if not (image.startswith(b"\x7fELF") or meta.get("ptx")):
+        raise ValueError("image is not an ELF cubin")
+    lowered = meta.get("lowered")
+    if not isinstance(lowered, dict) or set(lowered) != set(variant.name_expressions):
+        raise ValueError("kernel names differ")
+    return image, lowered
+
+
+def _write_entry(directory, path, key, arch, build):
+    meta = dict(key=key, arch=arch, lowered=build.lowered_names,
+                size=len(build.cubin), sha256=hashlib.sha256(build.cubin).hexdigest(),
+                ptx=not arch.startswith("sm_"))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_CACHE_MAGIC + json.dumps(meta, sort_keys=True).encode() + b"\n" + build.cubin)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def build_cached(variant, arch, directory=None):
+    """The binary of `variant` for `arch` from the cache directory, built with NVRTC (and
+    stored) when missing or damaged; no GPU needed. `directory` defaults to ``cache_dir()``.
+
+    A damaged entry is rebuilt with a warning; an unwritable directory gives one warning, and
+    the binary is then kept in memory only.
+    """
+    directory = directory or cache_dir()
+    key = cache_key(variant, arch)
+    path = os.path.join(directory, f"{variant.name}.{arch}.{key[:32]}.bin")
+    t0 = time.perf_counter()
+    if os.path.exists(path):
+        try:
+            image, lowered = _read_entry(path, key, variant)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"mla_cupy: kernel cache entry {path} is damaged ({exc}); rebuilding it",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            logger.info("module %s (%s) loaded from the cache in %.3f s", variant.name, arch, time.perf_counter() - t0)
+            return CachedBuild(image, lowered, path, True)
+    build = _nvrtc_build(variant, arch)
+    logger.info("module %s compiled for %s in %.2f s", variant.name, arch, time.perf_counter() - t0)
+    try:
+        _write_entry(directory, path, key, arch, build)
+    except OSError as exc:
+        if directory not in _unwritable:
+            _unwritable[directory] = str(exc)
+            warnings.warn(f"mla_cupy: kernel cache directory {directory} is not writable ({exc}); "
+                          "kernels are compiled in memory and not kept", RuntimeWarning, stacklevel=2)
+        path = None
+    return CachedBuild(build.cubin, build.lowered_names, path, False)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
 _lock = threading.Lock()
-_modules = {}  # (device id, variant name) -> cupy.RawModule with every function loaded
+_modules = {}  # (device id, variant) -> LoadedModule
 _compile_allowed = threading.local()
+
+
+class LoadedModule:
+    """A variant's binary loaded on one device; kernels are looked up by name expression."""
+
+    def __init__(self, module, lowered_names):
+        self._module, self._lowered = module, lowered_names
+
+    def get_function(self, expr):
+        """The cupy.cuda.function.Function of one kernel instantiation of the variant."""
+        return self._module.get_function(self._lowered[expr])
 
 
 def _dump(variant):
@@ -271,8 +466,9 @@ class allow_compile:
 
 
 def get_module(device_id, variant):
-    """The loaded module of `variant` on device `device_id`; compiles on first use."""
-    key = (device_id, variant.name)
+    """The loaded module of `variant` on device `device_id`; built (or read from the cache
+    directory) and loaded on first use in this process."""
+    key = (device_id, variant)
     mod = _modules.get(key)
     if mod is not None:
         return mod
@@ -289,62 +485,15 @@ def get_module(device_id, variant):
 
         _dump(variant)
         t0 = time.perf_counter()
-        prev_cache = os.environ.get("CUPY_CACHE_DIR")
-        if CONFIG.cache_dir:
-            os.environ["CUPY_CACHE_DIR"] = CONFIG.cache_dir
-        try:
-            with cupy.cuda.Device(device_id):
-                arch_options = () if variant.arch is None else (f"--gpu-architecture={variant.arch}",)
-                mod = cupy.RawModule(
-                    code=variant.source(), options=(*arch_options, *NVRTC_OPTIONS, *variant.options), name_expressions=list(variant.name_expressions)
-                )
-                for expr in variant.name_expressions:
-                    mod.get_function(expr)  # compile (or load from the disk cache) now
-        except cupy.cuda.compiler.CompileException as exc:
-            raise CompileError(f"NVRTC failed to compile module {variant.name!r}", str(exc)) from exc
-        finally:
-            if CONFIG.cache_dir:
-                if prev_cache is None:
-                    os.environ.pop("CUPY_CACHE_DIR", None)
-                else:
-                    os.environ["CUPY_CACHE_DIR"] = prev_cache
+        with cupy.cuda.Device(device_id) as dev:
+            arch = variant.arch or device_arch(int(dev.compute_capability))
+            build = build_cached(variant, arch)
+            module = cupy.cuda.function.Module()
+            module.load(build.image)
+            mod = LoadedModule(module, build.lowered_names)
         logger.info("module %s ready on device %d in %.2f s", variant.name, device_id, time.perf_counter() - t0)
         _modules[key] = mod
         return mod
-
-
-@dataclasses.dataclass(frozen=True)
-class OfflineBuild:
-    cubin: bytes
-    log: str
-    lowered_names: dict
-
-
-def compile_offline(variant, arch=None, extra_options=()):
-    """Builds `variant` with NVRTC alone, no GPU needed: for the variant's own arch when it
-    declares one, else for `arch` (e.g. "sm_80", "sm_90a").
-
-    The log carries ptxas' resource report (registers, shared memory, spills) per kernel.
-    """
-    from cupy_backends.cuda.libs import nvrtc
-
-    arch = variant.arch or arch
-    if arch is None:
-        raise ValueError(f"compile_offline({variant.name!r}): the variant is portable; name an arch")
-    prog = nvrtc.createProgram(variant.source(), f"{variant.name}.cu", [], [])
-    try:
-        for expr in variant.name_expressions:
-            nvrtc.addNameExpression(prog, expr)
-        options = [f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *variant.options, "--ptxas-options=--verbose",
-                   *extra_options]
-        try:
-            nvrtc.compileProgram(prog, options)
-        except nvrtc.NVRTCError as exc:
-            raise CompileError(f"NVRTC failed to compile {variant.name} for {arch}", nvrtc.getProgramLog(prog)) from exc
-        lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in variant.name_expressions}
-        return OfflineBuild(nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog), lowered)
-    finally:
-        nvrtc.destroyProgram(prog)
 
 
 def probe_param_offsets(arch="compute_80"):

@@ -2,7 +2,7 @@
 
 | variable | default | effect |
 |---|---|---|
-| MLA_CUPY_CACHE_DIR | CuPy's (~/.cupy/kernel_cache) | where compiled kernels are cached on disk |
+| MLA_CUPY_CACHE_DIR | $XDG_CACHE_HOME/mla_cupy, else ~/.cache/mla_cupy | where compiled kernels are cached on disk |
 | MLA_CUPY_LOG_LEVEL | WARNING | level of the "mla_cupy" logger (compile and cache events at INFO) |
 | MLA_CUPY_DUMP_SOURCE | unset | directory: write each assembled translation unit there before compiling |
 | MLA_CUPY_NO_COMPILE | 0 | 1: any compile after import raises CompileDisabledError (use after warmup()) |
@@ -21,7 +21,7 @@ def _flag(name):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    cache_dir: str | None
+    cache_dir: str
     log_level: str
     dump_source: str | None
     no_compile: bool
@@ -40,9 +40,14 @@ def _log_level():
     return level
 
 
+def _default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mla_cupy")
+
+
 def read_config():
     return Config(
-        cache_dir=os.environ.get("MLA_CUPY_CACHE_DIR") or None,
+        cache_dir=os.environ.get("MLA_CUPY_CACHE_DIR") or _default_cache_dir(),
         log_level=_log_level(),
         dump_source=os.environ.get("MLA_CUPY_DUMP_SOURCE") or None,
         no_compile=_flag("MLA_CUPY_NO_COMPILE"),

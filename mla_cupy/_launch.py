@@ -34,11 +34,13 @@ def _kernel(device_id, variant, expr, smem_bytes=0):
     if fn is None:
         import cupy
 
+        from cupy_backends.cuda.api import driver
+
         with cupy.cuda.Device(device_id):
-            raw = _compile.get_module(device_id, variant).get_function(expr)
+            fn = _compile.get_module(device_id, variant).get_function(expr)
             if smem_bytes > 48 * 1024:
-                raw.max_dynamic_shared_size_bytes = smem_bytes
-            fn = _functions[key] = raw.kernel
+                driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes)
+        _functions[key] = fn
     return fn
 
 

@@ -350,10 +350,8 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
 
 def show_config(file=None):
     """Print versions (mla_cupy, CuPy, NVRTC, CUDA driver/runtime), the device and cache dir."""
-    import os
     import sys
 
-    from ._env import CONFIG
     from ._version import __version__
 
     lines = [f"mla_cupy {__version__} (kernel sources sha256 {_compile.source_digest()[:16]})"]
@@ -382,6 +380,5 @@ def show_config(file=None):
             lines.append(f"no CUDA device: {exc}")
     except ImportError:
         lines.append("CuPy not installed (GPU functions unavailable; mla_cupy.reference works)")
-    cache = CONFIG.cache_dir or os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
-    lines.append(f"kernel cache dir: {cache}")
+    lines.append(f"kernel cache dir: {_compile.cache_location()}")
     print("\n".join(lines), file=file or sys.stdout)

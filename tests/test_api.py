@@ -32,6 +32,25 @@ def test_show_config_reports_versions_and_cache_dir():
 
 
 @pytest.mark.cpu
+def test_cache_dir_comes_from_the_environment(tmp_path):
+    code = """
+        import mla_cupy
+        from mla_cupy import _compile
+        print("DIR", _compile.cache_dir())
+        mla_cupy.show_config()
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("MLA_CUPY_CACHE_DIR", "XDG_CACHE_HOME")}
+    chosen = str(tmp_path / "chosen")
+    proc = _run(code, base=env, MLA_CUPY_CACHE_DIR=chosen)
+    assert proc.returncode == 0, proc.stderr
+    assert f"DIR {chosen}\n" in proc.stdout and f"kernel cache dir: {chosen}" in proc.stdout
+    proc = _run(code, base=env, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    assert f"DIR {tmp_path / 'xdg' / 'mla_cupy'}\n" in proc.stdout, proc.stdout + proc.stderr
+    proc = _run(code, base=env, HOME=str(tmp_path / "home"))
+    assert f"DIR {tmp_path / 'home' / '.cache' / 'mla_cupy'}\n" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("kwargs,name", [
     (dict(head_dims=[(576, 256)]), "head_dims"),
     (dict(dtypes=["float32"]), "dtypes"),
@@ -51,8 +70,9 @@ def test_warmup_compiles_a_decode_step():
     assert all(t >= 0 for t in seconds.values())
 
 
-def _run(code, **env):
-    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+def _run(code, base=None, **env):
+    base = os.environ if base is None else base
+    full_env = dict(base, PYTHONPATH=ROOT + os.pathsep + base.get("PYTHONPATH", ""), **env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
                           capture_output=True, text=True, timeout=600)
 

@@ -1,5 +1,7 @@
 """Compile lane: every kernel module builds with NVRTC for sm_80 and sm_90a, no GPU needed."""
 
+import dataclasses
+import pathlib
 import re
 
 import pytest
@@ -116,3 +118,80 @@ def test_bad_source_raises_compile_error_with_log():
     with pytest.raises(_compile.CompileError) as info:
         _compile.compile_offline(bad, "sm_80")
     assert "M_TILE" in info.value.log
+
+
+# ---- the library's own kernel cache (no GPU: the NVRTC-to-cache step alone) ----------------------
+
+def _count_nvrtc_builds(monkeypatch):
+    calls = []
+    real = _compile._nvrtc_build
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_compile, "_nvrtc_build", counting)
+    return calls
+
+
+def test_cache_dir_takes_effect_and_a_second_build_is_a_hit(tmp_path, monkeypatch):
+    monkeypatch.setattr(_compile, "CONFIG", dataclasses.replace(_compile.CONFIG, cache_dir=str(tmp_path / "cache")))
+    calls = _count_nvrtc_builds(monkeypatch)
+    variant = _compile.metadata_variant()
+    first = _compile.build_cached(variant, "sm_80")
+    assert not first.hit and calls == [variant.name]
+    assert first.path is not None and first.path.startswith(str(tmp_path / "cache"))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [pathlib.Path(first.path).name]
+    assert first.image[:4] == b"\x7fELF"
+    assert set(first.lowered_names) == set(variant.name_expressions)
+    second = _compile.build_cached(variant, "sm_80")
+    assert second.hit and calls == [variant.name]  # no NVRTC run
+    assert (second.image, second.lowered_names, second.path) == (first.image, first.lowered_names, first.path)
+    # Another arch is another entry.
+    other = _compile.build_cached(variant, "sm_90a")
+    assert not other.hit and other.path != first.path
+    assert _compile.cache_location() == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
+def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage):
+    calls = _count_nvrtc_builds(monkeypatch)
+    variant = _compile.metadata_variant()
+    path = pathlib.Path(_compile.build_cached(variant, "sm_80", tmp_path).path)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[:len(data) // 2])
+    elif damage == "flip":
+        path.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    else:
+        path.write_bytes(b"garbage" + data)
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        rebuilt = _compile.build_cached(variant, "sm_80", tmp_path)
+    assert not rebuilt.hit and len(calls) == 2
+    assert path.read_bytes() == data  # rewritten whole
+    assert _compile.build_cached(variant, "sm_80", tmp_path).hit
+
+
+def test_unwritable_cache_dir_compiles_in_memory_with_one_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    directory = str(blocker / "cache")
+    monkeypatch.setattr(_compile, "_unwritable", {})
+    variant = _compile.metadata_variant()
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        build = _compile.build_cached(variant, "sm_80", directory)
+    assert build.path is None and build.image[:4] == b"\x7fELF"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _compile.build_cached(_compile.combine_variant("bfloat16", 512), "sm_80", directory).path is None
+
+
+def test_cache_key_sees_source_options_arch_and_names():
+    v = _compile.metadata_variant()
+    base = _compile.cache_key(v, "sm_80")
+    assert _compile.cache_key(v, "sm_90a") != base
+    assert _compile.cache_key(dataclasses.replace(v, options=("-lineinfo",)), "sm_80") != base
+    assert _compile.cache_key(dataclasses.replace(v, files=_compile.COMBINE_FILES), "sm_80") != base
+    assert _compile.cache_key(dataclasses.replace(v, name_expressions=()), "sm_80") != base
