@@ -1,0 +1,527 @@
+// Hopper (sm_90a) split-KV decode: wgmma tensor cores, TMA loads, warp specialization.
+//
+// One CTA computes 64 packed query rows (row = i * ngroups + g: query token i, head g of the
+// kv head's group; rows past m are zero) of one kv head against the KV range of one scheduler
+// part: grid = (ceil(m / 64), h_kv, num_sm_parts), 384 threads, one CTA per SM.
+//
+//   warpgroup 0  producer: one warp looks up block-table entries and issues the TMA copies of
+//                64-token KV tiles (CHUNKS column chunks of 64 x 64 elements, one mbarrier per
+//                chunk so the math starts on the first chunk) into a two-stage ring.
+//   warpgroups 1, 2  consumers c = 0, 1. For each tile, consumer c computes S = Q K^T for the
+//                tile's tokens [32c, 32c + 32) (wgmma m64n32k16, Q and K from shared memory),
+//                the two exchange their row maxima through shared memory, each turns its half
+//                of S into P (bf16/fp16), keeps it in registers and also stores it to shared
+//                memory, and then accumulates O[:, 256c : 256c + 256] += P V over all 64 tokens
+//                (wgmma m64n256k16: its own half of P from registers, the other consumer's half
+//                from shared memory; V is read transposed from the same K tile).
+//                The next tile's S is issued right behind this P V, so the tensor cores run
+//                the two back to back; a KV stage is released once both are complete.
+//   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
+//
+// Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
+// SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B], KV stages
+// [2][CHUNKS][64 tokens][128 B], P [64 rows][128 B], row maxima and sums [2][64] fp32, then
+// the mbarriers. Tokens past a request's length (unloaded or NaN-poisoned cache slots) are
+// masked out of S by selection and their V rows are zeroed before P V, so they never reach
+// the output.
+#pragma once
+
+namespace mla {
+namespace sm90 {
+
+// The 128-byte CUtensorMap, passed by value as a __grid_constant__ parameter.
+struct __align__(64) TmaDesc {
+  uint64_t raw[16];
+};
+
+// ---- element types ------------------------------------------------------------------------------
+struct Bf16 {
+  static constexpr bool kIsBf16 = true;
+};
+struct Fp16 {
+  static constexpr bool kIsBf16 = false;
+};
+
+// ---- mbarriers, TMA, fences -----------------------------------------------------------------------
+MLA_DEVICE void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+MLA_DEVICE void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+MLA_DEVICE void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+MLA_DEVICE bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+MLA_DEVICE void mbar_wait(uint32_t bar, uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+MLA_DEVICE void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// Orders this thread's ordinary shared-memory stores before later async-proxy reads (wgmma, TMA).
+MLA_DEVICE void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// 4-D tiled TMA load (coordinates innermost first) completing on mbarrier `bar`.
+MLA_DEVICE void tma_load_4d(uint32_t dst, const TmaDesc* map, uint32_t bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
+template <int N>
+MLA_DEVICE void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+MLA_DEVICE void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// ---- wgmma ------------------------------------------------------------------------------------------
+// Shared-memory matrix descriptor, 128-byte swizzle. For K-major operands LBO is unused and SBO
+// is the distance between 8-row groups; for MN-major (transposed) operands LBO is the distance
+// between 64-element blocks along M/N and SBO the distance between 8-row groups along K.
+MLA_DEVICE uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32) | (1ull << 62);
+}
+MLA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+MLA_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+MLA_DEVICE void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue/wait.
+template <int N>
+MLA_DEVICE void fence_regs(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// D[64 x N] (+)= A[64 x 16] B[16 x N]. _ss: A and B from shared memory (descriptors);
+// _rs: A from registers; _tb: B transposed (MN-major). `accumulate` = 0 overwrites D.
+template <int N, bool IsBf16>
+MLA_DEVICE void wgmma_ss(float* d, uint64_t da, uint64_t db, int accumulate);
+template <int N, bool IsBf16>
+MLA_DEVICE void wgmma_ss_tb(float* d, uint64_t da, uint64_t db, int accumulate);
+template <int N, bool IsBf16>
+MLA_DEVICE void wgmma_rs_tb(float* d, const uint32_t* a, uint64_t db, int accumulate);
+
+// ---- wgmma instantiations (m64n32 / m64n256, bf16 and fp16) ----
+template <>
+MLA_DEVICE void wgmma_ss<32, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_ss_tb<256, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_rs_tb<256, true>(float* d, const uint32_t* a, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_ss<32, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_ss_tb<256, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_rs_tb<256, false>(float* d, const uint32_t* a, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+
+// ---- the kernel -------------------------------------------------------------------------------------
+// PAGE_BOX: tokens per TMA box, min(page_size, 64); a 64-token tile takes 64 / PAGE_BOX boxes
+// per column chunk (one page each when pages are smaller than a tile).
+template <int D, int DV, int PAGE_BOX>
+struct DecodeTraits {
+  static constexpr int BM = 64;                 // packed query rows per CTA
+  static constexpr int BN = 64;                 // tokens per KV tile
+  static constexpr int STAGES = 2;              // KV tiles in flight
+  static constexpr int CHUNKS = D / 64;         // 64-column chunks of a K row (128 bytes each)
+  static constexpr int HALF_DV = DV / 2;        // O columns per consumer warpgroup
+  static constexpr int V_CHUNKS = HALF_DV / 64;  // V column chunks per consumer
+  static constexpr int CHUNK_BYTES = BN * 128;
+  static constexpr int Q_BYTES = CHUNKS * BM * 128;
+  static constexpr int STAGE_BYTES = CHUNKS * CHUNK_BYTES;
+  static constexpr int P_BYTES = BM * 128;
+  static constexpr int STAT_BYTES = 2 * 2 * BM * 4;  // row maxima and row sums of both consumers
+  static constexpr int BAR_BYTES = (STAGES * CHUNKS + STAGES) * 8;
+  static constexpr int ALIGN_SLACK = 1024;      // the dynamic window is aligned up to 1024 bytes
+  static constexpr int SMEM_BYTES = ALIGN_SLACK + Q_BYTES + STAGES * STAGE_BYTES + P_BYTES + STAT_BYTES + BAR_BYTES;
+  static constexpr int THREADS = 384;           // producer warpgroup + two consumer warpgroups
+  static constexpr int BOXES = BN / PAGE_BOX;
+  static constexpr int PRODUCER_REGS = 40;
+  static constexpr int CONSUMER_REGS = 232;
+
+  static_assert(D % 64 == 0 && DV <= D, "K rows are whole 64-column chunks; V is the first DV columns");
+  static_assert(HALF_DV == 256, "each consumer owns 256 output columns (wgmma n256)");
+  static_assert(PAGE_BOX >= 8 && BN % PAGE_BOX == 0, "TMA boxes of whole 8-row swizzle atoms");
+  static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 256 <= 65536, "register file");
+};
+
+template <class Elem, int D, int DV, int PAGE_BOX>
+__global__ void __launch_bounds__(384, 1)
+    decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TmaDesc kv_map) {
+  using T = DecodeTraits<D, DV, PAGE_BOX>;
+  constexpr bool kBf16 = Elem::kIsBf16;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  const uint32_t sQ = (raw_addr + 1023u) & ~1023u;
+  const uint32_t sKV = sQ + T::Q_BYTES;
+  const uint32_t sP = sKV + T::STAGES * T::STAGE_BYTES;
+  float* sMax = reinterpret_cast<float*>(smem_raw + (sP + T::P_BYTES - raw_addr));
+  float* sSum = sMax + 2 * T::BM;
+  const uint32_t bars = sP + T::P_BYTES + T::STAT_BYTES;
+  auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
+  auto empty_bar = [&](int stage) { return bars + uint32_t(T::STAGES * T::CHUNKS + stage) * 8u; };
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  if (tid == 0) {
+    for (int s = 0; s < T::STAGES; ++s) {
+      for (int c = 0; c < T::CHUNKS; ++c) mbar_init(full_bar(s, c), 1);
+      mbar_init(empty_bar(s), 8);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int hk = blockIdx.y;
+  const int row0 = blockIdx.x * T::BM;
+  const int32_t* sched = p.sched + blockIdx.z * 8;
+  const int begin_req = sched[0], end_req = sched[1];
+  const int begin_block = sched[2], end_block = sched[3], begin_split = sched[4];
+  // Causal: the last row of this CTA sees keys up to seqlen - s_q + i_max.
+  const int i_max = (min(row0 + T::BM, p.m) - 1) / p.ngroups;
+  // Token range [tok_begin, tok_end) of request `req` in this part; producer and consumers
+  // derive the same tile sequence from it.
+  auto token_range = [&](int req, int seqlen, int& tok_begin, int& tok_end) {
+    tok_begin = req == begin_req ? begin_block * 64 : 0;
+    tok_end = req == end_req ? min(end_block * 64, seqlen) : seqlen;
+    if (p.causal) tok_end = min(tok_end, seqlen - p.s_q + i_max + 1);
+    return tok_end > tok_begin ? (tok_end - tok_begin + T::BN - 1) / T::BN : 0;
+  };
+
+  if (warp < 4) {
+    // ================= producer warpgroup: warp 0 issues the KV tiles ======================
+    setmaxnreg_dec<T::PRODUCER_REGS>();
+    if (warp != 0) return;
+    int it = 0;
+    for (int req = begin_req; req <= end_req; ++req) {
+      const int seqlen = p.seqlens[req];
+      int tok_begin, tok_end;
+      const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
+      const int32_t* bt_row = p.block_table + req * p.bt_stride_b;
+      for (int tile = 0; tile < n_tiles; ++tile, ++it) {
+        const int t0 = tok_begin + tile * T::BN;
+        // Only pages holding tokens < seqlen are read: entries past the last page are never
+        // looked up. Lane b looks up box b.
+        const int nbox = (min(T::BN, seqlen - t0) + PAGE_BOX - 1) / PAGE_BOX;
+        int blk = 0, in_page = 0;
+        if (lane < nbox) {
+          const int tok = t0 + lane * PAGE_BOX;
+          const int page = tok / p.page_size;
+          blk = bt_row[page];
+          in_page = tok - page * p.page_size;
+        }
+        int box_blk[T::BOXES], box_tok[T::BOXES];
+#pragma unroll
+        for (int b = 0; b < T::BOXES; ++b) {
+          box_blk[b] = __shfl_sync(0xffffffffu, blk, b);
+          box_tok[b] = __shfl_sync(0xffffffffu, in_page, b);
+        }
+        const int stage = it % T::STAGES;
+        mbar_wait(empty_bar(stage), ((it / T::STAGES) & 1) ^ 1);
+        if (lane == 0) {
+          const uint32_t dst = sKV + stage * T::STAGE_BYTES;
+#pragma unroll 1
+          for (int c = 0; c < T::CHUNKS; ++c) {
+            mbar_expect_tx(full_bar(stage, c), uint32_t(nbox * PAGE_BOX * 128));
+#pragma unroll
+            for (int b = 0; b < T::BOXES; ++b)
+              if (b < nbox)
+                tma_load_4d(dst + c * T::CHUNK_BYTES + b * PAGE_BOX * 128, &kv_map, full_bar(stage, c), c * 64, hk,
+                            box_tok[b], box_blk[b]);
+          }
+        }
+        __syncwarp();
+      }
+    }
+    return;
+  }
+
+  // ================= consumer warpgroups ======================================================
+  setmaxnreg_inc<T::CONSUMER_REGS>();
+  const int cw = (warp >> 2) - 1;     // consumer 0 or 1
+  const int ctid = tid - 128;         // 0..255 over both consumers
+  const int wtid = ctid & 127;        // thread within the consumer warpgroup
+  const int g = lane >> 2, t4 = lane & 3;
+  const int r0 = (warp & 3) * 16 + g;  // this thread's rows r0 and r0 + 8 of the tile
+  const char* q_base = static_cast<const char*>(p.q);
+
+  float o[128];
+  int it = 0;
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int seqlen = p.seqlens[req];
+    int tok_begin, tok_end;
+    const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
+    const int split_idx = req == begin_req ? begin_split : 0;
+    const int split_base = p.num_splits[req];
+    const bool whole = p.num_splits[req + 1] - split_base == 1;
+
+    named_barrier(1, 256);  // both consumers are done with sQ and the row statistics
+    for (int idx = ctid; idx < T::BM * T::CHUNKS * 8; idx += 256) {
+      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
+      const int row = row0 + r;
+      const bool valid = row < p.m;
+      const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
+      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
+                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
+      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    named_barrier(1, 256);
+
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
+    int vis_end[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + r0 + 8 * h;
+      vis_end[h] = p.causal ? seqlen - p.s_q + min(row, p.m - 1) / p.ngroups + 1 : seqlen;
+    }
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.f;
+
+    // S = Q K^T over this consumer's 32 tokens of the tile in stage `stage`, issued chunk by
+    // chunk as the chunks land (not waited for).
+    float s[16];
+    auto issue_s = [&](int stage, uint32_t phase) {
+      const uint32_t sK = sKV + stage * T::STAGE_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < T::CHUNKS; ++c) {
+        mbar_wait(full_bar(stage, c), phase);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint64_t da = make_desc(sQ + c * (T::BM * 128) + kk * 32, 16, 1024);
+          const uint64_t db = make_desc(sK + c * T::CHUNK_BYTES + cw * 32 * 128 + kk * 32, 16, 1024);
+          wgmma_ss<32, kBf16>(s, da, db, (c | kk) != 0);
+        }
+      }
+      wgmma_commit();
+    };
+#pragma unroll
+    for (int k = 0; k < 16; ++k) s[k] = 0.f;
+    if (n_tiles > 0) issue_s(it % T::STAGES, (it / T::STAGES) & 1);
+
+    for (int tile = 0; tile < n_tiles; ++tile, ++it) {
+      const int stage = it % T::STAGES;
+      const uint32_t sK = sKV + stage * T::STAGE_BYTES;
+      const int t0 = tok_begin + tile * T::BN;
+      wgmma_wait<0>();  // S of this tile (and P V of the previous one) complete
+      fence_regs<16>(s);
+      fence_regs<128>(o);
+      if (tile > 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty_bar((it - 1) % T::STAGES));  // previous stage done
+      }
+
+      // ---- rows past the request's end hold no data of it (stale or NaN): zero the V rows
+      // this consumer multiplies, before P V reads them.
+      const int valid = seqlen - t0;
+      if (valid < T::BN) {
+        for (int idx = wtid; idx < T::V_CHUNKS * T::BN * 8; idx += 128) {
+          const int c = idx / (T::BN * 8), r = (idx >> 3) % T::BN, j = idx & 7;
+          if (r >= valid) {
+            const uint32_t a = sK + (cw * T::V_CHUNKS + c) * T::CHUNK_BYTES + r * 128 + j * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+          }
+        }
+        fence_async_smem();
+        named_barrier(2 + cw, 128);
+      }
+
+      // ---- mask, scale to log2 units, row maxima of both consumers ----------------------------
+      float mx[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int tok = t0 + cw * 32 + j * 8 + 2 * t4 + (e & 1);
+          const bool ok = tok < tok_end && tok < vis_end[h];
+          s[j * 4 + e] = ok ? s[j * 4 + e] * p.scale_log2 : neg_inf();
+          mx[h] = fmaxf(mx[h], s[j * 4 + e]);
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      }
+      if (t4 == 0) {
+        sMax[cw * T::BM + r0] = mx[0];
+        sMax[cw * T::BM + r0 + 8] = mx[1];
+      }
+      named_barrier(1, 256);
+      float m_use[2], alpha[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m_new = fmaxf(m_run[h], fmaxf(mx[h], sMax[(1 - cw) * T::BM + r0 + 8 * h]));
+        m_use[h] = m_new == neg_inf() ? 0.f : m_new;  // a row with nothing visible yet stays at zero
+        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+        m_run[h] = m_new;
+      }
+
+      // ---- P = exp2(S - m): registers (own half, wgmma A fragments) and shared memory ---------
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int k = 0; k < 16; ++k) {
+        s[k] = fast_exp2(s[k] - m_use[(k >> 1) & 1]);
+        rs[(k >> 1) & 1] += s[k];
+      }
+      l_run[0] = l_run[0] * alpha[0] + rs[0];
+      l_run[1] = l_run[1] * alpha[1] + rs[1];
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        pa[kk][0] = pack2<kBf16>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<kBf16>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<kBf16>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<kBf16>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int piece = cw * 4 + j;  // 16-byte piece of the 128-byte P row
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = r0 + 8 * h;
+          const uint32_t a = sP + r * 128 + ((piece ^ (r & 7)) << 4) + t4 * 4;
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(pa[j >> 1][(j & 1) * 2 + h]) : "memory");
+        }
+      }
+      fence_async_smem();
+
+      // ---- rescale O where a row maximum moved ------------------------------------------------
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int k = 0; k < 128; ++k) o[k] *= alpha[(k >> 1) & 1];
+      }
+
+      // ---- O[:, 256 cw : 256 cw + 256] += P V -------------------------------------------------
+      const uint32_t sV = sK + cw * T::V_CHUNKS * T::CHUNK_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)  // own tokens, P from registers
+        wgmma_rs_tb<256, kBf16>(o, pa[kk], make_desc(sV + (cw * 32 + kk * 16) * 128, T::CHUNK_BYTES, 1024), 1);
+      wgmma_commit();
+      named_barrier(1, 256);  // the other consumer's half of P is in shared memory
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {  // the other consumer's tokens, P from shared memory
+        const int k0 = (1 - cw) * 32 + kk * 16;
+        wgmma_ss_tb<256, kBf16>(o, make_desc(sP + k0 * 2, 16, 1024), make_desc(sV + k0 * 128, T::CHUNK_BYTES, 1024),
+                                1);
+      }
+      wgmma_commit();
+      // The next tile's S goes into the tensor-core queue right behind this P V.
+      if (tile + 1 < n_tiles) issue_s((it + 1) % T::STAGES, ((it + 1) / T::STAGES) & 1);
+    }
+    if (n_tiles > 0) {
+      wgmma_wait<0>();
+      fence_regs<128>(o);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty_bar((it - 1) % T::STAGES));
+    }
+
+    // ---- epilogue: row sums of both consumers, then this consumer's 256 columns --------------
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    }
+    if (t4 == 0) {
+      sSum[cw * T::BM + r0] = l_run[0];
+      sSum[cw * T::BM + r0 + 8] = l_run[1];
+    }
+    named_barrier(1, 256);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + r0 + 8 * h;
+      if (row >= p.m) continue;
+      const float l = l_run[h] + sSum[(1 - cw) * T::BM + r0 + 8 * h];
+      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
+      if (whole) {
+        char* orow = static_cast<char*>(p.out) + 2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int col = cw * T::HALF_DV + j * 8 + 2 * t4;
+          store_u32(orow + 2 * col, pack2<kBf16>(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l));
+        }
+        if (cw == 0 && t4 == 0)
+          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
+              l > 0.f ? (m_run[h] + log2f(l)) * kLn2 : pos_inf();
+      } else {
+        const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
+        float* orow = p.o_accum + (slot * p.m + row) * DV;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int col = cw * T::HALF_DV + j * 8 + 2 * t4;
+          *reinterpret_cast<float2*>(orow + col) = make_float2(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l);
+        }
+        if (cw == 0 && t4 == 0) p.lse_accum[slot * p.m + row] = l > 0.f ? m_run[h] + log2f(l) : neg_inf();
+      }
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace mla
