@@ -12,9 +12,8 @@
   ``get_module(device, variant)`` builds or reads it once per process and device and loads it.
   ``compile_offline(variant, arch)`` builds with the same options, uncached (the compile test
   lane and resource reports).
-* ``decode_config`` picks the decode kernel's tile (query rows per CTA) and pipeline depth
-  from the problem and the device's shared-memory limit; its byte count mirrors
-  ``DecodeTraits::SMEM_BYTES`` (the kernel traps if it is launched with less).
+* What a module holds and how it is launched is its family's business (``_portable``,
+  ``_combine``, ``_metadata``; ``_select`` picks one).
 """
 
 import contextlib
@@ -35,24 +34,11 @@ from . import _params
 from ._env import CONFIG
 from ._errors import CompileDisabledError, CompileError
 from ._version import __version__
-from .support import DTYPES, HEAD_DIMS
 
 logger = logging.getLogger("mla_cupy")
 
 COMMON_FILES = ("prelude.cuh", "params.cuh")  # every translation unit starts with these
-METADATA_FILES = COMMON_FILES + ("scheduler.cuh",)
-COMBINE_FILES = COMMON_FILES + ("combine.cuh",)
-DECODE_FILES = COMMON_FILES + ("decode_sm80.cuh",)
 NVRTC_OPTIONS = ("-std=c++17",)
-
-# Decode kernel tile constants (mirror kernels/decode_sm80.cuh DecodeTraits).
-MAX_STAGES = 4
-M_TILES = (16, 32, 64)
-# Shared memory (opt-in per block, per SM) of the GPU classes the compile lane covers, bytes:
-# sm_86/89-class, sm_80/87, sm_90.
-SMEM_CLASSES = ((101376, 102400), (166912, 167936), (232448, 233472))
-SMEM_RESERVED_PER_CTA = 1024  # the hardware keeps 1 KB of every CTA's shared memory
-
 
 def _kernels_dir():
     try:
@@ -132,124 +118,16 @@ class Variant:
         return translation_unit(self.files)
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    m_tile: int
-    stages: int
-    threads: int
-    smem_bytes: int
-    ctas_per_sm: int = 1
-    warps_n: int = 4  # warps sharing each row group (DecodeTraits::WN)
-    m_tiles_per_warp: int = 1  # 16-row mma tiles each warp owns (DecodeTraits::MT)
-    kv_tile: int = 32  # KV tokens per pipeline stage (DecodeTraits::BN)
-
-
-def _dtype_tag(dtype):
+def dtype_tag(dtype):
+    """Short dtype name used in module names."""
     return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
-def _cpp_bool(dtype):
+def cpp_bool(dtype):
+    """The IsBf16 template argument of a dtype."""
     return "true" if dtype == "bfloat16" else "false"
 
 
-METADATA_KERNEL = "mla::metadata_kernel"
-
-
-def metadata_variant():
-    return Variant("metadata", (METADATA_KERNEL,), METADATA_FILES)
-
-
-def combine_expression(dtype, head_dim_v):
-    return f"mla::combine_kernel<{head_dim_v}, {_cpp_bool(dtype)}>"
-
-
-def combine_variant(dtype, head_dim_v):
-    return Variant(f"combine_{_dtype_tag(dtype)}_dv{head_dim_v}", (combine_expression(dtype, head_dim_v),),
-                   COMBINE_FILES)
-
-
-def decode_expression(dtype, head_dim, head_dim_v, cfg):
-    return (f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {cfg.warps_n}, "
-            f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}, {_cpp_bool(dtype)}>")
-
-
-def decode_variant(dtype, head_dim, head_dim_v, cfg):
-    return Variant(
-        f"decode_{_dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_m{cfg.m_tile}_s{cfg.stages}"
-        f"_w{cfg.warps_n}_t{cfg.m_tiles_per_warp}_n{cfg.kv_tile}",
-        (decode_expression(dtype, head_dim, head_dim_v, cfg),),
-        DECODE_FILES,
-    )
-
-
-def decode_layout(m_tile):
-    """(warps_n, m_tiles_per_warp, kv_tile) of a tile. 16-row tiles: four 16-row warps over
-    32-token stages. 32- and 64-row tiles: 32-row warps (two m16 tiles, so each K/V fragment
-    loaded from shared memory feeds two mma) in groups of four, over 32- or 64-token stages."""
-    return {16: (4, 1, 32), 32: (4, 2, 32), 64: (4, 2, 64)}[m_tile]
-
-
-def decode_smem_bytes(head_dim, m_tile, stages, layout=None):
-    wn, _, bn = decode_layout(m_tile) if layout is None else layout
-    q = m_tile * head_dim * 2
-    kv = bn * head_dim * 2
-    p = m_tile * (bn + 8) * 2
-    stats = 2 * wn * m_tile * 4
-    return q + stages * kv + p + stats
-
-
-def ctas_per_sm(m, smem_per_sm):
-    """Decode CTAs resident per SM: two CTAs of the 16- or 32-row tile where two fit (small m is
-    memory-bound and a second CTA hides the first one's barriers and latencies), else one.
-
-    Decided from m alone (sized for the largest head_dim), so ``get_mla_metadata``, which does
-    not see head_dim, and the decode call agree on it.
-    """
-    d_max = max(d for d, _ in HEAD_DIMS)
-    if m <= M_TILES[1]:
-        tile = next(t for t in M_TILES if m <= t)
-        if 2 * (decode_smem_bytes(d_max, tile, 2) + SMEM_RESERVED_PER_CTA) <= smem_per_sm:
-            return 2
-    return 1
-
-
-def decode_config(head_dim, m, smem_per_block, smem_per_sm=None):
-    """Tile and pipeline depth for m packed query rows on a device with this shared memory.
-
-    The smallest tile covering m (16, 32 or 64 rows; larger m uses several 64-row CTAs), then
-    as many KV stages as fit the per-CTA budget (at most MAX_STAGES; with two CTAs per SM, half
-    the SM's memory); a tile that fits fewer than two stages falls back to the next smaller one.
-    Returns None when even 16 rows and two stages do not fit.
-    """
-    occ = 1 if smem_per_sm is None else ctas_per_sm(m, smem_per_sm)
-    budget = smem_per_block if occ == 1 else min(smem_per_block, smem_per_sm // occ - SMEM_RESERVED_PER_CTA)
-    m_tile = next((t for t in M_TILES if m <= t), M_TILES[-1])
-    while True:
-        wn, mt, bn = decode_layout(m_tile)
-        fixed = decode_smem_bytes(head_dim, m_tile, 0)
-        stages = min(MAX_STAGES, (budget - fixed) // (bn * head_dim * 2))
-        if stages >= 2:
-            threads = 32 * (m_tile // (16 * mt)) * wn
-            return DecodeConfig(m_tile, stages, threads, decode_smem_bytes(head_dim, m_tile, stages), occ, wn, mt, bn)
-        if m_tile == M_TILES[0]:
-            return None
-        m_tile = M_TILES[M_TILES.index(m_tile) - 1]
-
-
-def all_variants():
-    """Every module a supported GPU can need: metadata, combine and decode per config."""
-    out = {metadata_variant().name: metadata_variant()}
-    for dtype in DTYPES:
-        for d, dv in HEAD_DIMS:
-            v = combine_variant(dtype, dv)
-            out[v.name] = v
-            for smem_block, smem_sm in SMEM_CLASSES:
-                for m in M_TILES:
-                    cfg = decode_config(d, m, smem_block, smem_sm)
-                    if cfg is not None:
-                        v = decode_variant(dtype, d, dv, cfg)
-                        out[v.name] = v
-    return list(out.values())
 
 
 # ---- building -----------------------------------------------------------------------------------

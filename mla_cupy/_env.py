@@ -7,6 +7,7 @@
 | MLA_CUPY_DUMP_SOURCE | unset | directory: write each assembled translation unit there before compiling |
 | MLA_CUPY_NO_COMPILE | 0 | 1: any compile after import raises CompileDisabledError (use after warmup()) |
 | MLA_CUPY_VALIDATE | 0 | 1: check device data (seqlens, block ids) on every call; costs a host sync |
+| MLA_CUPY_KERNEL | auto | decode kernel family: auto (the fastest that runs the problem), portable or sm90; a family that cannot run a problem raises UnsupportedDeviceError |
 """
 
 import dataclasses
@@ -26,6 +27,10 @@ class Config:
     dump_source: str | None
     no_compile: bool
     validate: bool
+    kernel: str
+
+
+KERNEL_KINDS = ("auto", "portable", "sm90")  # mla_cupy._select.KERNELS
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -40,6 +45,15 @@ def _log_level():
     return level
 
 
+def _kernel():
+    kind = os.environ.get("MLA_CUPY_KERNEL", "auto").strip().lower() or "auto"
+    if kind not in KERNEL_KINDS:
+        warnings.warn(f"MLA_CUPY_KERNEL: expected one of {', '.join(KERNEL_KINDS)}, got {kind!r}; using auto",
+                      stacklevel=3)
+        return "auto"
+    return kind
+
+
 def _default_cache_dir():
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "mla_cupy")
@@ -52,6 +66,7 @@ def read_config():
         dump_source=os.environ.get("MLA_CUPY_DUMP_SOURCE") or None,
         no_compile=_flag("MLA_CUPY_NO_COMPILE"),
         validate=_flag("MLA_CUPY_VALIDATE"),
+        kernel=_kernel(),
     )
 
 

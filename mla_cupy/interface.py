@@ -1,8 +1,10 @@
 """Public entry points, a drop-in for FlashMLA's ``flash_mla_interface``.
 
-Each call: import the caller's arrays (``_interop``), check every argument (``_validate``),
-pack the parameter block (``_params``) and launch (``_launch``) on the call's stream. No host
-sync on the decode path unless ``validate=True``: a decode step can be captured in a CUDA graph.
+Each call: import the caller's arrays (``_interop``), check every argument (``_validate``), ask
+``_select`` which kernel family runs the problem, and run that family's launch (parameter
+blocks, grid, kernels) on the call's stream. Everything but the pointers is worked out once per
+call signature and kept in a plan. No host sync on the decode path unless ``validate=True``: a
+decode step can be captured in a CUDA graph.
 """
 
 import logging
@@ -10,15 +12,11 @@ import time
 
 import numpy as np
 
-from . import _compile, _launch, _params, _validate
+from . import _compile, _launch, _metadata, _select, _validate
 from ._errors import UnsupportedDeviceError
-from .scheduler import num_sm_parts as _num_sm_parts
-from .support import (MIN_COMPUTE_CAPABILITY, SCHED_BLOCK_TOKENS,
-                      SCHED_FIXED_OVERHEAD_BLOCKS, SCHED_METADATA_SIZE)
+from .support import MIN_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("mla_cupy")
-
-_LOG2E = 1.4426950408889634
 
 
 def _check_device(device_id):
@@ -28,16 +26,6 @@ def _check_device(device_id):
         raise UnsupportedDeviceError(
             f"device {device_id}: compute capability {cc // 10}.{cc % 10} is older than the "
             f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} mla_cupy needs")
-
-
-def _decode_config(device_id, head_dim, m):
-    _, _, smem, smem_sm = _launch.device_info(device_id)
-    cfg = _compile.decode_config(head_dim, m, smem, smem_sm)
-    if cfg is None:
-        raise UnsupportedDeviceError(
-            f"device {device_id}: {smem} bytes of shared memory per block are too few for the "
-            f"decode kernel at head_dim {head_dim}")
-    return cfg
 
 
 def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None,
@@ -72,39 +60,22 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     arrays, ctx = _import({"cache_seqlens": cache_seqlens}, stream)
     seqlens = arrays["cache_seqlens"]
     key = (ctx.device_id, _array_key(seqlens), *_typed(num_q_tokens_per_head_k, num_heads_k, num_heads_q,
-                                                         is_fp8_kvcache), topk is None)
+                                                         is_fp8_kvcache), topk is None, _kind())
     parts = _cached(_metadata_parts, key)
     if parts is None:
         _validate.check_metadata_args(seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q,
                                       is_fp8_kvcache, topk)
         _check_device(ctx.device_id)
-        _, sms, _, smem_sm = _launch.device_info(ctx.device_id)
-        occupancy = _compile.ctas_per_sm(int(num_q_tokens_per_head_k), smem_sm)
-        parts = _num_sm_parts(sms * occupancy, num_q_tokens_per_head_k, num_heads_k)
+        parts = _select.sm_parts(ctx.device_id, int(num_q_tokens_per_head_k), int(num_heads_k))
         _remember(_metadata_parts, key, parts)
     with ctx.activate():
         if _validate.resolve_validate(validate):
             _validate.check_seqlens_data(seqlens)
-        sched, num_splits = _run_metadata(ctx, seqlens, parts)
+        sched, num_splits = _metadata.run(ctx.device_id, ctx.stream, seqlens, parts)
     return ctx.export(sched), ctx.export(num_splits)
 
 
-_METADATA_TEMPLATE = _params.Template(_params.METADATA_PARAMS, block_tokens=SCHED_BLOCK_TOKENS,
-                                      fixed_overhead=SCHED_FIXED_OVERHEAD_BLOCKS)
 _metadata_parts = {}  # validated get_mla_metadata signatures -> num_sm_parts
-
-
-def _run_metadata(ctx, seqlens, parts):
-    """Allocates the metadata arrays and launches the scheduler kernel (inside ctx.activate())."""
-    import cupy
-
-    batch = seqlens.shape[0]
-    sched = cupy.empty((parts, SCHED_METADATA_SIZE), dtype=np.int32)
-    num_splits = cupy.empty((batch + 1,), dtype=np.int32)
-    params = _METADATA_TEMPLATE.pack(seqlens=seqlens.data.ptr, sched=sched.data.ptr,
-                                     num_splits=num_splits.data.ptr, batch=batch, num_sm_parts=parts)
-    _launch.launch_metadata(ctx.device_id, ctx.stream, params)
-    return sched, num_splits
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
@@ -156,14 +127,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
         raise TypeError(f"{'out' if out is not None else 'lse'}: JAX arrays are immutable and cannot be "
                         "written in place; leave out= and lse= unset with JAX inputs")
     key = (ctx.device_id, *_typed(head_dim_v, softmax_scale, causal, is_fp8_kvcache), indices is None,
-           *[_array_key(x) for x in a.values()])
+           *[_array_key(x) for x in a.values()], _kind())
     plan = _cached(_plans, key)
     if plan is None:
         pb = _validate.check_decode_args(a["q"], a["k_cache"], a["block_table"], a["cache_seqlens"], head_dim_v,
                                          a["tile_scheduler_metadata"], a["num_splits"], softmax_scale, causal,
                                          is_fp8_kvcache, indices, a["out"], a["lse"])
         _check_device(ctx.device_id)
-        plan = _DecodePlan(ctx.device_id, a, pb, _decode_config(ctx.device_id, pb.head_dim, pb.m))
+        choice = _select.decode_choice(ctx.device_id, pb.dtype, pb.head_dim, pb.head_dim_v, pb.m, pb.page_block_size)
+        plan = _DecodePlan(ctx.device_id, a, pb, choice)
         _remember(_plans, key, plan)
     with ctx.activate():  # on the call's stream, so a validating read sees the producer's writes
         if _validate.resolve_validate(validate):
@@ -171,6 +143,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                         a["tile_scheduler_metadata"], a["num_splits"])
         out_a, lse_a = plan.run(ctx, a)
     return ctx.export(out_a), ctx.export(lse_a)
+
+
+_kind = _select.kind  # part of every cache key: a forced() block gets plans of its own
 
 
 def _typed(*values):
@@ -206,62 +181,25 @@ def _remember(cache, key, value):
 
 class _DecodePlan:
     """Everything about a call signature that does not change from call to call: the checked
-    problem, the kernel configuration and the fixed fields of both parameter blocks."""
+    problem, output shapes and the chosen family's launch (parameter templates, grid, kernels)."""
 
-    def __init__(self, device_id, a, pb, cfg):
-        self.device_id, self.pb, self.cfg = device_id, pb, cfg
-        self.variant = _compile.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
-        self.expr = _compile.decode_expression(pb.dtype, pb.head_dim, pb.head_dim_v, cfg)
-        self.combine_variant = _compile.combine_variant(pb.dtype, pb.head_dim_v)
-        self.combine_expr = _compile.combine_expression(pb.dtype, pb.head_dim_v)
-        q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
+    def __init__(self, device_id, a, pb, choice):
+        self.device_id, self.pb = device_id, pb
+        self.launch = choice.family.DecodeLaunch(device_id, a, pb, choice.config)
+        self.ws_rows, self.ws_cols = self.launch.workspace
         self.out_shape = (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v)
         self.lse_shape = (pb.batch, pb.h_q, pb.s_q)
-        self.dtype = q.dtype
-        out_strides = a["out"].strides if a["out"] is not None else _c_strides(self.out_shape, es)
-        lse_strides = a["lse"].strides if a["lse"] is not None else _c_strides(self.lse_shape, 4)
-        common = dict(
-            o_stride_b=out_strides[0] // es, o_stride_s=out_strides[1] // es, o_stride_h=out_strides[2] // es,
-            lse_stride_b=lse_strides[0] // 4, lse_stride_h=lse_strides[1] // 4, lse_stride_s=lse_strides[2] // 4,
-            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m)
-        self.decode = _params.Template(
-            _params.DECODE_PARAMS, **common,
-            q_stride_b=q.strides[0] // es, q_stride_s=q.strides[1] // es, q_stride_h=q.strides[2] // es,
-            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es,
-            kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
-            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
-            scale_log2=pb.softmax_scale * _LOG2E)
-        self.combine = _params.Template(_params.COMBINE_PARAMS, **common)
-        self.num_m_blocks = -(-pb.m // cfg.m_tile)
-        self.ws_rows = (pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m
+        self.dtype = a["q"].dtype
 
     def run(self, ctx, a):
-        """Allocates what is missing and launches decode + combine (inside ctx.activate())."""
+        """Allocates what is missing and launches the family's kernels (inside ctx.activate())."""
         import cupy
 
-        pb = self.pb
         out_a = a["out"] if a["out"] is not None else cupy.empty(self.out_shape, dtype=self.dtype)
         lse_a = a["lse"] if a["lse"] is not None else cupy.empty(self.lse_shape, dtype=np.float32)
-        o_accum, lse_accum = _workspace(ctx, self.ws_rows, pb.head_dim_v)
-        ptrs = dict(out=out_a.data.ptr, lse=lse_a.data.ptr, num_splits=a["num_splits"].data.ptr,
-                    o_accum=o_accum, lse_accum=lse_accum)
-        decode = self.decode.pack(
-            **ptrs, q=a["q"].data.ptr, kv=a["k_cache"].data.ptr, block_table=a["block_table"].data.ptr,
-            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr)
-        combine = self.combine.pack(**ptrs)
-        _launch.launch_decode(self.device_id, ctx.stream, self.variant, self.expr, self.cfg, decode,
-                              self.num_m_blocks, pb.h_kv, pb.num_sm_parts)
-        _launch.launch_combine(self.device_id, ctx.stream, self.combine_variant, self.combine_expr, combine,
-                               pb.batch, pb.h_kv, pb.m, pb.head_dim_v)
+        o_accum, lse_accum = _workspace(ctx, self.ws_rows, self.ws_cols)
+        self.launch(ctx.stream, a, out_a.data.ptr, lse_a.data.ptr, o_accum, lse_accum)
         return out_a, lse_a
-
-
-def _c_strides(shape, itemsize):
-    strides, acc = [], itemsize
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return tuple(reversed(strides))
 
 
 def _import(named, stream):
@@ -322,19 +260,19 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
         Module name -> seconds it took to compile or load.
     """
     head_dims, dtypes, ms = _validate.check_warmup_args(head_dims, dtypes, num_q_tokens_per_head_k,
-                                                        default_rows=_compile.M_TILES)
+                                                        default_rows=_select.warmup_rows())
     import cupy
 
     device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
     _check_device(device_id)
-    variants = [_compile.metadata_variant()]
-    problems = []
+    variants = [_metadata.variant()]
+    choices = []
     for d, dv in head_dims:
         for m in ms:
-            cfg = _decode_config(device_id, d, m)
             for dt in dtypes:
-                variants += [_compile.decode_variant(dt, d, dv, cfg), _compile.combine_variant(dt, dv)]
-                problems.append((dt, d, dv, cfg))
+                choice = _select.decode_choice(device_id, dt, d, dv, m, _select.METADATA_PROBLEM["page_block_size"])
+                variants += choice.family.variants(choice.problem, choice.config)
+                choices.append(choice)
     seconds = {}
     with _compile.allow_compile():
         for variant in variants:
@@ -343,8 +281,8 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
             t0 = time.perf_counter()
             _compile.get_module(device_id, variant)
             seconds[variant.name] = time.perf_counter() - t0
-        for problem in problems:
-            _launch.prepare_decode(device_id, *problem)
+        for choice in choices:
+            choice.family.prepare(device_id, choice.problem, choice.config)
     return seconds
 
 

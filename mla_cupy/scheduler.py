@@ -63,8 +63,9 @@ def num_sm_parts(num_sms, num_q_tokens_per_head_k, num_heads_k):
     ----------
     num_sms : int
         Decode CTAs the device runs at once: its SM count times the CTAs per SM of the decode
-        kernel (``get_mla_metadata`` passes SMs x ``_compile.ctas_per_sm(...)``: two for
-        query tiles of up to 32 rows on GPUs with enough shared memory, else one).
+        kernel (``get_mla_metadata`` passes SMs x the ``ctas_per_sm`` of the configuration
+        ``_select`` picks; the portable kernel runs two for query tiles of up to 32 rows on GPUs
+        with enough shared memory, else one).
     num_q_tokens_per_head_k : int
         Query rows that share one KV head, ``s_q * h_q // h_kv``.
     num_heads_k : int

@@ -1,14 +1,15 @@
 """Decode-kernel configuration sweep: times (tile rows, stages, CTAs per SM) choices per shape.
 
-Not a benchmark of the public path (see ``python -m mla_cupy.bench``): it drives the internal
-launch layer directly so configurations the selector would not pick can be compared in one run.
+Not a benchmark of the public path (see ``python -m mla_cupy.bench``): it drives the portable
+family's launch directly (``_portable.DecodeLaunch`` with a configuration of its own making) so
+configurations the selector would not pick can be compared in one run.
 Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/tune.py
 """
 import sys
 
 import cupy
 
-from mla_cupy import _compile, _interop, _launch, _validate, interface
+from mla_cupy import _interop, _launch, _metadata, _portable, _select, _validate
 from mla_cupy.scheduler import num_sm_parts
 
 D, DV, PAGE = 576, 512, 64
@@ -27,23 +28,31 @@ def make(b, s_q, h_q, sk, n_caches):
 
 
 def time_cfg(q, caches, sl, cfg, parts, iters=30):
-    arrays0, ctx = _interop.import_arrays({"q": q, "cache_seqlens": sl})
-    sched, ns = interface._run_metadata(ctx, sl, parts)
+    _, ctx = _interop.import_arrays({"q": q, "cache_seqlens": sl})
+    with ctx.activate():
+        sched, ns = _metadata.run(ctx.device_id, ctx.stream, sl, parts)
     runs = []
     for kc, bt in caches:
         a = {"q": q, "k_cache": kc, "block_table": bt, "cache_seqlens": sl, "tile_scheduler_metadata": sched,
              "num_splits": ns, "out": None, "lse": None}
         pb = _validate.check_decode_args(q, kc, bt, sl, DV, sched, ns, None, True, False, None, None, None)
-        runs.append((a, interface._DecodePlan(ctx.device_id, a, pb, cfg)))
-    for a, plan in runs:  # warm-up / compile
-        with ctx.activate():
-            plan.run(ctx, a)
+        launch = _portable.DecodeLaunch(ctx.device_id, a, pb, cfg)
+        rows, cols = launch.workspace
+        bufs = (cupy.empty((pb.batch, pb.s_q, pb.h_q, DV), dtype=q.dtype), cupy.empty((pb.batch, pb.h_q, pb.s_q),
+                dtype=cupy.float32), cupy.empty((rows, cols), dtype=cupy.float32), cupy.empty((rows,), dtype=cupy.float32))
+        runs.append((a, launch, [b.data.ptr for b in bufs], bufs))
+
+    def run(i):
+        a, launch, ptrs, _ = runs[i % len(runs)]
+        launch(ctx.stream, a, *ptrs)
+
+    with ctx.activate():
+        for i in range(len(runs)):  # warm-up / compile
+            run(i)
     e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
     e0.record()
     for i in range(iters):
-        a, plan = runs[i % len(runs)]
-        with ctx.activate():
-            plan.run(ctx, a)
+        run(i)
     e1.record()
     e1.synchronize()
     return cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / iters
@@ -58,19 +67,20 @@ def main():
     for b, s_q, h_q, sk in shapes:
         q, caches, sl = make(b, s_q, h_q, sk, 2)
         m = s_q * h_q
-        default = _compile.decode_config(D, m, smem, smem_sm)
+        with _select.forced("portable"):
+            default = _select.decode_choice(dev, "float16", D, DV, m, PAGE).config
         # The selector's layout of each tile, plus the 16-row-warp alternatives it replaced.
-        layouts = {t: sorted({_compile.decode_layout(t), (4, 1, 32)}) for t in _compile.M_TILES}
-        for m_tile in _compile.M_TILES:
+        layouts = {t: sorted({_portable.decode_layout(t), (4, 1, 32)}) for t in _portable.M_TILES}
+        for m_tile in _portable.M_TILES:
             if m_tile < 64 and m > 64:
                 continue
             for wn, mt, bn in layouts[m_tile]:
                 for stages in (2, 3, 4):
-                    smem_b = _compile.decode_smem_bytes(D, m_tile, stages, (wn, mt, bn))
+                    smem_b = _portable.decode_smem_bytes(D, m_tile, stages, (wn, mt, bn))
                     if smem_b > smem:
                         continue
-                    cfg = _compile.DecodeConfig(m_tile, stages, 32 * (m_tile // (16 * mt)) * wn, smem_b, 1, wn, mt, bn)
-                    per_sm = max(1, min(4, smem_sm // (smem_b + _compile.SMEM_RESERVED_PER_CTA)))
+                    cfg = _portable.DecodeConfig(m_tile, stages, 32 * (m_tile // (16 * mt)) * wn, smem_b, 1, wn, mt, bn)
+                    per_sm = max(1, min(4, smem_sm // (smem_b + _portable.SMEM_RESERVED_PER_CTA)))
                     for ctas in sorted({1, per_sm}):
                         parts = num_sm_parts(sms * ctas, m, 1)
                         try:

@@ -16,9 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.cpu
 def test_public_names():
     assert sorted(mla_cupy.__all__) == sorted(
-        ["get_mla_metadata", "flash_mla_with_kvcache", "warmup", "show_config", "__version__"])
+        ["get_mla_metadata", "flash_mla_with_kvcache", "warmup", "show_config", "__version__",
+         "UnsupportedDeviceError", "CompileError", "CompileDisabledError"])
     for name in mla_cupy.__all__:
         assert getattr(mla_cupy, name) is not None
+
+
+@pytest.mark.cpu
+def test_public_exceptions():
+    assert issubclass(mla_cupy.UnsupportedDeviceError, RuntimeError)
+    assert issubclass(mla_cupy.CompileError, RuntimeError)
+    assert issubclass(mla_cupy.CompileDisabledError, RuntimeError)
+    assert mla_cupy.CompileError("failed", "the log").log == "the log"
 
 
 @pytest.mark.cpu
@@ -82,7 +91,7 @@ def test_no_compile_switch_allows_only_warmed_kernels():
     code = """
         import cupy, numpy as np
         import mla_cupy
-        from mla_cupy._errors import CompileDisabledError
+        from mla_cupy import CompileDisabledError
         from mla_cupy.testing import make_decode_inputs
         inp = make_decode_inputs(2, 1, 16, seqlens=[100, 300], seed=1)
         q, kc, bt, sl = (cupy.asarray(x) for x in (inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens))

@@ -7,13 +7,13 @@ import re
 import pytest
 
 import mla_cupy
-from mla_cupy import _compile, _params
+from mla_cupy import _combine, _compile, _metadata, _params, _portable, _select
 from mla_cupy.support import DTYPES, HEAD_DIMS
 
 pytestmark = pytest.mark.compile
 
 ARCHS = ("sm_80", "sm_90a")
-VARIANTS = _compile.all_variants()
+VARIANTS = _select.all_variants()
 
 
 def test_variant_set_covers_every_supported_problem():
@@ -24,7 +24,7 @@ def test_variant_set_covers_every_supported_problem():
         tag = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
         for d, dv in HEAD_DIMS:
             assert f"combine_{tag}_dv{dv}" in names
-            for m_tile in _compile.M_TILES:
+            for m_tile in _portable.M_TILES:
                 assert any(n.startswith(f"decode_{tag}_d{d}_dv{dv}_m{m_tile}_") for n in names), (dtype, d, m_tile)
 
 
@@ -45,25 +45,25 @@ def test_variant_compiles(variant, arch):
 
 
 def test_decode_config_fits_shared_memory():
-    reserved = _compile.SMEM_RESERVED_PER_CTA
-    for smem_block, smem_sm in _compile.SMEM_CLASSES:
+    reserved = _portable.SMEM_RESERVED_PER_CTA
+    for smem_block, smem_sm in _portable.SMEM_CLASSES:
         for d, _ in HEAD_DIMS:
             for m in (1, 16, 17, 32, 33, 64, 128, 2048):
-                cfg = _compile.decode_config(d, m, smem_block, smem_sm)
+                cfg = _portable.decode_config(d, m, smem_block, smem_sm)
                 assert cfg is not None
-                wanted = next((t for t in _compile.M_TILES if m <= t), 64)
+                wanted = next((t for t in _portable.M_TILES if m <= t), 64)
                 if cfg.m_tile < wanted:  # only when the wanted tile cannot take two stages
-                    assert _compile.decode_smem_bytes(d, wanted, 2) > smem_block
-                assert 2 <= cfg.stages <= _compile.MAX_STAGES
-                assert cfg.smem_bytes == _compile.decode_smem_bytes(d, cfg.m_tile, cfg.stages)
+                    assert _portable.decode_smem_bytes(d, wanted, 2) > smem_block
+                assert 2 <= cfg.stages <= _portable.MAX_STAGES
+                assert cfg.smem_bytes == _portable.decode_smem_bytes(d, cfg.m_tile, cfg.stages)
                 assert cfg.smem_bytes <= smem_block
                 assert cfg.ctas_per_sm * (cfg.smem_bytes + reserved) <= smem_sm
-                assert cfg.ctas_per_sm == _compile.ctas_per_sm(m, smem_sm)
+                assert cfg.ctas_per_sm == _portable.ctas_per_sm(m, smem_sm)
     # Two CTAs per SM for 16- and 32-row problems on a 228 KB SM, one for 64-row ones.
-    assert _compile.ctas_per_sm(16, 233472) == 2 and _compile.ctas_per_sm(32, 233472) == 2
-    assert _compile.ctas_per_sm(64, 233472) == 1
+    assert _portable.ctas_per_sm(16, 233472) == 2 and _portable.ctas_per_sm(32, 233472) == 2
+    assert _portable.ctas_per_sm(64, 233472) == 1
     # 64 KB is too little for any tile at head_dim 576.
-    assert _compile.decode_config(576, 16, 64 * 1024) is None
+    assert _portable.decode_config(576, 16, 64 * 1024) is None
 
 
 def test_param_struct_offsets_match_numpy_dtypes():
@@ -114,7 +114,7 @@ def test_source_hash_sees_every_kernel_file(monkeypatch):
 
 def test_bad_source_raises_compile_error_with_log():
     bad = _compile.Variant("bad", ("mla::decode_kernel<576, 512, 80, 2, 4, 1, 32, true>",),  # M_TILE 80 is rejected
-                           _compile.DECODE_FILES)
+                           _portable.FILES)
     with pytest.raises(_compile.CompileError) as info:
         _compile.compile_offline(bad, "sm_80")
     assert "M_TILE" in info.value.log
@@ -137,7 +137,7 @@ def _count_nvrtc_builds(monkeypatch):
 def test_cache_dir_takes_effect_and_a_second_build_is_a_hit(tmp_path, monkeypatch):
     monkeypatch.setattr(_compile, "CONFIG", dataclasses.replace(_compile.CONFIG, cache_dir=str(tmp_path / "cache")))
     calls = _count_nvrtc_builds(monkeypatch)
-    variant = _compile.metadata_variant()
+    variant = _metadata.variant()
     first = _compile.build_cached(variant, "sm_80")
     assert not first.hit and calls == [variant.name]
     assert first.path is not None and first.path.startswith(str(tmp_path / "cache"))
@@ -156,7 +156,7 @@ def test_cache_dir_takes_effect_and_a_second_build_is_a_hit(tmp_path, monkeypatc
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
 def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage):
     calls = _count_nvrtc_builds(monkeypatch)
-    variant = _compile.metadata_variant()
+    variant = _metadata.variant()
     path = pathlib.Path(_compile.build_cached(variant, "sm_80", tmp_path).path)
     data = path.read_bytes()
     if damage == "truncate":
@@ -177,7 +177,7 @@ def test_unwritable_cache_dir_compiles_in_memory_with_one_warning(tmp_path, monk
     blocker.write_text("not a directory")
     directory = str(blocker / "cache")
     monkeypatch.setattr(_compile, "_unwritable", {})
-    variant = _compile.metadata_variant()
+    variant = _metadata.variant()
     with pytest.warns(RuntimeWarning, match="not writable"):
         build = _compile.build_cached(variant, "sm_80", directory)
     assert build.path is None and build.image[:4] == b"\x7fELF"
@@ -185,13 +185,13 @@ def test_unwritable_cache_dir_compiles_in_memory_with_one_warning(tmp_path, monk
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _compile.build_cached(_compile.combine_variant("bfloat16", 512), "sm_80", directory).path is None
+        assert _compile.build_cached(_combine.variant("bfloat16", 512), "sm_80", directory).path is None
 
 
 def test_cache_key_sees_source_options_arch_and_names():
-    v = _compile.metadata_variant()
+    v = _metadata.variant()
     base = _compile.cache_key(v, "sm_80")
     assert _compile.cache_key(v, "sm_90a") != base
     assert _compile.cache_key(dataclasses.replace(v, options=("-lineinfo",)), "sm_80") != base
-    assert _compile.cache_key(dataclasses.replace(v, files=_compile.COMBINE_FILES), "sm_80") != base
+    assert _compile.cache_key(dataclasses.replace(v, files=_combine.FILES), "sm_80") != base
     assert _compile.cache_key(dataclasses.replace(v, name_expressions=()), "sm_80") != base

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.gpu
 
 from mla_cupy import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from mla_cupy.reference import flash_mla_with_kvcache_reference  # noqa: E402
-from mla_cupy import _compile, _launch  # noqa: E402
-from mla_cupy.scheduler import num_sm_parts, schedule  # noqa: E402
+from mla_cupy import _select  # noqa: E402
+from mla_cupy.scheduler import schedule  # noqa: E402
 from mla_cupy.support import DTYPES, HEAD_DIMS  # noqa: E402
 from mla_cupy.testing import assert_mla_close, make_decode_inputs  # noqa: E402
 
@@ -350,8 +350,7 @@ def test_metadata_matches_host_scheduler(s_q, h_q, h_kv):
         rng.integers(0, 3000, size=9000),  # past the requests staged in shared memory
     ]
     rows = s_q * h_q // h_kv
-    _, sms, _, smem_sm = _launch.device_info(cupy.cuda.runtime.getDevice())
-    parts = num_sm_parts(sms * _compile.ctas_per_sm(rows, smem_sm), rows, h_kv)
+    parts = _select.sm_parts(cupy.cuda.runtime.getDevice(), rows, h_kv)
     for lens in batches:
         lens = np.asarray(lens, dtype=np.int32)
         meta, splits = get_mla_metadata(cupy.asarray(lens), rows, h_kv, h_q)
