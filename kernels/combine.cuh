@@ -1,6 +1,6 @@
 // Combine kernel: merges the split partial results of each request into out and lse.
 //
-// Grid (b * ceil(m * DV / 128 / 8), h_kv); block 256 = 8 warps. One warp merges one
+// Grid (b * ceil(m * DV / 128 / 8), h_kv); block 256 = kCombineWarps (8) warps. One warp merges one
 // 128-column slice of one packed query row (slices, rows and requests share grid.x, whose
 // limit is 2^31 - 1, so any batch and any s_q * h_q fit; splitting rows into slices keeps
 // enough warps in flight when a small batch has many splits). Requests with a single split
@@ -12,14 +12,18 @@
 
 namespace mla {
 
+constexpr int kCombineWarps = 8;           // per CTA
+constexpr int kCombineSliceColumns = 128;  // columns of a row one warp merges, 4 per lane
+static_assert(kCombineSliceColumns == 32 * 4, "a lane merges one float4 of the slice");
+
 template <int DV, bool IsBf16>
-__global__ void __launch_bounds__(256) combine_kernel(const __grid_constant__ CombineParams p) {
-  static_assert(DV % 128 == 0, "a warp merges 128 columns, 4 per lane");
-  constexpr int SLICES = DV / 128;
-  const int unit_blocks = (p.m * SLICES + 7) / 8;
+__global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __grid_constant__ CombineParams p) {
+  static_assert(DV % kCombineSliceColumns == 0, "a row is made of whole slices");
+  constexpr int SLICES = DV / kCombineSliceColumns;
+  const int unit_blocks = (p.m * SLICES + kCombineWarps - 1) / kCombineWarps;
   const int req = blockIdx.x / unit_blocks, hk = blockIdx.y;
   const int lane = threadIdx.x & 31;
-  const int unit = (blockIdx.x % unit_blocks) * 8 + (threadIdx.x >> 5);
+  const int unit = (blockIdx.x % unit_blocks) * kCombineWarps + (threadIdx.x >> 5);
   const int row = unit / SLICES, slice = unit % SLICES;
   const int base = p.num_splits[req];
   const int n = p.num_splits[req + 1] - base;
@@ -39,7 +43,7 @@ __global__ void __launch_bounds__(256) combine_kernel(const __grid_constant__ Co
   const float lse2 = empty ? pos_inf() : mx + log2f(sum);
 
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  const int col = slice * 128 + lane * 4;
+  const int col = slice * kCombineSliceColumns + lane * 4;
   if (!empty) {
     const float* o_col = p.o_accum + ((int64_t)base * p.h_kv + hk) * p.m * DV + (int64_t)row * DV + col;
     const int64_t o_split_stride = (int64_t)p.h_kv * p.m * DV;

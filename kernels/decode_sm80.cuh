@@ -55,7 +55,7 @@ struct DecodeTraits {
   static_assert(NT_S == 1 || NT_S == 2, "S tiles per warp are loaded with ldmatrix x2 or x4");
   static_assert(NT_O % 2 == 0, "O tiles are loaded in pairs by ldmatrix x4.trans");
   static_assert(NTHREADS % BN == 0, "KV load mapping: whole threads per token");
-  static_assert(BN % 16 == 0 && 64 % BN == 0, "P V takes 16 tokens per mma; tiles align to 64-token blocks");
+  static_assert(BN % 16 == 0 && kSchedBlockTokens % BN == 0, "P V takes 16 tokens per mma; tiles align to schedule blocks");
   static_assert((D / 16) % KSPLIT == 0, "k-steps split evenly over the S accumulators");
 };
 
@@ -70,7 +70,6 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
     decode_kernel(const __grid_constant__ DecodeParams p) {
   using T = DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>;
   extern __shared__ __align__(128) uint8_t smem[];
-  if (threadIdx.x == 0 && dynamic_smem_bytes() < uint32_t(T::SMEM_BYTES)) __trap();
 
   uint8_t* sQ = smem;
   uint8_t* sKV = smem + T::Q_BYTES;
@@ -86,7 +85,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
   const int row0 = m_block * M_TILE;               // first packed query row of this CTA
   const int wrow = rg * 16 * MT;                   // warp's first row inside the tile
 
-  const int32_t* sched = p.sched + part * 8;
+  const int32_t* sched = p.sched + part * kSchedMetadataSize;
   const int begin_req = sched[0], end_req = sched[1];
   const int begin_block = sched[2], end_block = sched[3], begin_split = sched[4];
 
@@ -95,8 +94,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
 
   for (int req = begin_req; req <= end_req; ++req) {
     const int seqlen = p.seqlens[req];
-    const int tok_begin = req == begin_req ? begin_block * 64 : 0;
-    int tok_end = req == end_req ? min(end_block * 64, seqlen) : seqlen;
+    const int tok_begin = req == begin_req ? begin_block * kSchedBlockTokens : 0;
+    int tok_end = req == end_req ? min(end_block * kSchedBlockTokens, seqlen) : seqlen;
     // Causal: the last row of this tile sees keys up to seqlen - s_q + i_max.
     const int i_max = (min(row0 + M_TILE, p.m) - 1) / p.ngroups;
     if (p.causal) tok_end = min(tok_end, seqlen - p.s_q + i_max + 1);

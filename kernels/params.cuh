@@ -6,6 +6,12 @@
 
 namespace mla {
 
+// Tile-scheduler metadata (scheduler.cuh writes it, the decode kernels read it): one row of
+// kSchedMetadataSize int32 per part, positions counted in blocks of kSchedBlockTokens tokens.
+// support.py mirrors both; each translation unit asserts they agree.
+constexpr int kSchedBlockTokens = 64;
+constexpr int kSchedMetadataSize = 8;
+
 // One decode call: q [b, s_q, h_q, d], k_cache [num_blocks, page, h_kv, d] (V = first dv columns),
 // out [b, s_q, h_q, dv], lse [b, h_q, s_q]. Strides are in elements. The m = s_q * ngroups query
 // rows that share one kv head are packed row = i * ngroups + g (query token i, head g of the group).

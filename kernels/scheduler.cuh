@@ -14,10 +14,12 @@ namespace mla {
 
 MLA_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+constexpr int kMetadataThreads = 32;  // one warp
+
 // Requests whose block counts are staged in shared memory; later ones are read from global.
 constexpr int kMetadataSmemRequests = 8192;
 
-__global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ MetadataParams p) {
+__global__ void __launch_bounds__(kMetadataThreads) metadata_kernel(const __grid_constant__ MetadataParams p) {
   __shared__ int blocks_smem[kMetadataSmemRequests];
   const int lane = threadIdx.x;
   const int B = p.block_tokens, F = p.fixed_overhead;
@@ -36,7 +38,7 @@ __global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ Me
     int now_req = 0, now_block = 0, now_split = 0, cum = 0;
     p.num_splits[0] = 0;
     for (int part = 0; part < p.num_sm_parts; ++part) {
-      int32_t* row = p.sched + part * 8;
+      int32_t* row = p.sched + part * kSchedMetadataSize;
       row[0] = now_req;
       row[2] = now_block;
       row[4] = now_split;
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(32) metadata_kernel(const __grid_constant__ Me
   __syncthreads();  // num_splits complete and visible to the whole (one-warp) block
 
   for (int part = lane; part < p.num_sm_parts; part += 32) {
-    int32_t* row = p.sched + part * 8;
+    int32_t* row = p.sched + part * kSchedMetadataSize;
     const int begin = row[0], end = row[1];
     const bool empty = begin >= p.batch;
     row[5] = empty ? 0 : int(p.num_splits[begin + 1] - p.num_splits[begin] > 1);

@@ -16,7 +16,7 @@ def expression(dtype, head_dim_v):
 
 def variant(dtype, head_dim_v):
     return _compile.Variant(f"combine_{_compile.dtype_tag(dtype)}_dv{head_dim_v}", (expression(dtype, head_dim_v),),
-                            FILES)
+                            FILES, checks=(("mla::kCombineWarps", WARPS), ("mla::kCombineSliceColumns", SLICE_COLUMNS)))
 
 
 def all_variants():

@@ -105,6 +105,9 @@ class Variant:
     arch: None for portable code (built for the device's own ``sm_XY``), or the one target it
         is written for, e.g. "sm_90a".
     options: NVRTC options beyond ``NVRTC_OPTIONS``.
+    checks: (C++ constant expression, value) pairs: constants the Python side relies on (shared
+        memory bytes, threads, tile sizes), asserted equal by generated ``static_assert``s, so a
+        drift fails the compile instead of a launch.
     """
 
     name: str
@@ -112,10 +115,21 @@ class Variant:
     files: tuple
     arch: str | None = None
     options: tuple = ()
+    checks: tuple = ()
 
     def source(self):
         """The full CUDA source this module is compiled from."""
-        return translation_unit(self.files)
+        return translation_unit(self.files) + render_checks(self.checks)
+
+
+def render_checks(checks):
+    """The generated static_asserts of a variant's `checks` (empty text when there are none)."""
+    if not checks:
+        return ""
+    lines = ["// ---- generated: constants mirrored in Python ----"]
+    for expr, value in checks:
+        lines.append(f'static_assert({expr} == {int(value)}, "{expr} differs from the Python side ({int(value)})");')
+    return "\n".join(lines) + "\n"
 
 
 def dtype_tag(dtype):

@@ -12,7 +12,12 @@ THREADS = 32  # one warp
 
 
 def variant():
-    return _compile.Variant("metadata", (KERNEL,), FILES)
+    return _compile.Variant("metadata", (KERNEL,), FILES, checks=(
+        ("mla::kMetadataThreads", THREADS), *SCHEDULE_CHECKS))
+
+
+# The schedule layout every reader and writer of tile_scheduler_metadata shares (params.cuh).
+SCHEDULE_CHECKS = (("mla::kSchedBlockTokens", SCHED_BLOCK_TOKENS), ("mla::kSchedMetadataSize", SCHED_METADATA_SIZE))
 
 
 def all_variants():

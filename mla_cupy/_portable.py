@@ -14,7 +14,7 @@ needs) and ``all_variants()`` (every module any supported GPU can need, for the 
 
 import dataclasses
 
-from . import _combine, _compile, _launch, _params
+from . import _combine, _compile, _launch, _metadata, _params
 from .support import DTYPES, HEAD_DIMS, MIN_COMPUTE_CAPABILITY
 
 NAME = "portable"
@@ -128,12 +128,18 @@ def expression(dtype, head_dim, head_dim_v, cfg):
 
 
 def variant(dtype, head_dim, head_dim_v, cfg):
-    """The decode module of one configuration (portable: built for the device's own arch)."""
+    """The decode module of one configuration (portable: built for the device's own arch). The
+    compile checks that the kernel's traits agree with the shared memory and threads the launch
+    uses."""
+    traits = (f"mla::DecodeTraits<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {cfg.warps_n}, "
+              f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}>")
     return _compile.Variant(
         f"decode_{_compile.dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_m{cfg.m_tile}_s{cfg.stages}"
         f"_w{cfg.warps_n}_t{cfg.m_tiles_per_warp}_n{cfg.kv_tile}",
         (expression(dtype, head_dim, head_dim_v, cfg),),
         FILES,
+        checks=((f"{traits}::SMEM_BYTES", cfg.smem_bytes), (f"{traits}::NTHREADS", cfg.threads),
+                *_metadata.SCHEDULE_CHECKS),
     )
 
 

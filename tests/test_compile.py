@@ -195,3 +195,18 @@ def test_cache_key_sees_source_options_arch_and_names():
     assert _compile.cache_key(dataclasses.replace(v, options=("-lineinfo",)), "sm_80") != base
     assert _compile.cache_key(dataclasses.replace(v, files=_combine.FILES), "sm_80") != base
     assert _compile.cache_key(dataclasses.replace(v, name_expressions=()), "sm_80") != base
+
+
+def test_python_constants_are_checked_by_the_compiler():
+    for v in VARIANTS:
+        assert v.checks, v.name
+        assert "generated: constants mirrored in Python" in v.source()
+    decode = next(v for v in VARIANTS if v.name.startswith("decode_"))
+    assert any("::SMEM_BYTES" in expr for expr, _ in decode.checks)
+    expr, value = decode.checks[0]
+    wrong = dataclasses.replace(decode, checks=((expr, value + 16),))
+    with pytest.raises(_compile.CompileError) as info:
+        _compile.compile_offline(wrong, "sm_80")
+    assert "differs from the Python side" in info.value.log
+    # The cache key sees the checks too.
+    assert _compile.cache_key(wrong, "sm_80") != _compile.cache_key(decode, "sm_80")
