@@ -1,6 +1,8 @@
 """The tile-scheduler kernel (kernels/scheduler.cuh) as a module of its own: its variant and
 its launch. ``scheduler.py`` is its NumPy twin; ``_select.sm_parts`` decides how many parts."""
 
+import functools
+
 import numpy as np
 
 from . import _compile, _launch, _params
@@ -11,6 +13,7 @@ KERNEL = "mla::metadata_kernel"
 THREADS = 32  # one warp
 
 
+@functools.cache
 def variant():
     return _compile.Variant("metadata", (KERNEL,), FILES, checks=(
         ("mla::kMetadataThreads", THREADS), *SCHEDULE_CHECKS))
@@ -38,6 +41,11 @@ def run(device_id, stream, seqlens, parts):
     num_splits = cupy.empty((batch + 1,), dtype=np.int32)
     params = _TEMPLATE.pack(seqlens=seqlens.data.ptr, sched=sched.data.ptr, num_splits=num_splits.data.ptr,
                             batch=batch, num_sm_parts=parts)
-    fn = _launch.function(device_id, variant(), KERNEL)
+    fn = _functions.get(device_id)
+    if fn is None:
+        fn = _functions[device_id] = _launch.function(device_id, variant(), KERNEL)
     fn((1,), (THREADS,), (params,), 0, stream)
     return sched, num_splits
+
+
+_functions = {}  # device id -> the loaded scheduler kernel
