@@ -16,16 +16,16 @@ import dataclasses
 import functools
 import threading
 
-from . import _combine, _launch, _metadata, _portable
+from . import _combine, _launch, _metadata, _portable, _sm90
 from ._env import CONFIG, KERNEL_KINDS
 from ._errors import UnsupportedDeviceError
 from .scheduler import num_sm_parts
 
 KERNELS = KERNEL_KINDS  # ("auto", "portable", "sm90")
 
-# Families in the order "auto" tries them: fastest first. "sm90" is named in KERNELS but not
-# registered yet; forcing it raises UnsupportedDeviceError.
-FAMILIES = (_portable,)
+# Families in the order "auto" tries them: fastest first. sm90 runs on compute capability 9.0
+# only; every other GPU, and every problem sm90 does not cover, gets the portable kernel.
+FAMILIES = (_sm90, _portable)
 
 # What get_mla_metadata assumes of the decode calls to come (it sees neither dtype, head dims
 # nor page size): DeepSeek V3's shapes.

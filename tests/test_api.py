@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 import mla_cupy
+from mla_cupy import _select
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +75,10 @@ def test_warmup_rejects_bad_arguments_before_touching_the_gpu(kwargs, name):
 def test_warmup_compiles_a_decode_step():
     seconds = mla_cupy.warmup(head_dims=[(576, 512)], dtypes=["bfloat16"], num_q_tokens_per_head_k=128)
     assert "metadata" in seconds
-    decode = [name for name in seconds if name.startswith("decode_bf16_d576_dv512_m64")]
-    assert len(decode) == 1, seconds
+    # The modules of the family the selection picks for that problem on this GPU (page 64).
+    choice = _select.decode_choice(0, "bfloat16", 576, 512, 128, 64)
+    wanted = {v.name for v in choice.family.variants(choice.problem, choice.config)}
+    assert wanted <= set(seconds), (wanted, seconds)
     assert all(t >= 0 for t in seconds.values())
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from mla_cupy import _env, _launch, _portable, _select
+from mla_cupy import _env, _launch, _portable, _select, _sm90
 from mla_cupy._errors import UnsupportedDeviceError
 from mla_cupy.scheduler import num_sm_parts
 
@@ -15,6 +15,14 @@ pytestmark = pytest.mark.cpu
 H200 = _launch.DeviceInfo(90, 132, 232448, 233472)
 A100 = _launch.DeviceInfo(80, 108, 166912, 167936)
 T4 = _launch.DeviceInfo(75, 40, 65536, 65536)
+
+
+@pytest.fixture(autouse=True)
+def auto_kind():
+    """These tests describe "auto" and forced(); MLA_CUPY_KERNEL (which the gpu lane sets to
+    run once per family) must not leak into them."""
+    with _select.forced("auto"):
+        yield
 
 
 @pytest.fixture
@@ -36,12 +44,25 @@ def test_kinds_and_families_declare_the_contract():
             assert hasattr(family, name), (family.NAME, name)
 
 
-def test_auto_picks_portable_with_its_configuration(device):
+def test_auto_picks_sm90_on_hopper_and_portable_elsewhere(device):
     device(H200)
+    for m in (1, 16, 32, 64, 128):
+        for dtype in ("bfloat16", "float16"):
+            for d, dv in ((576, 512), (512, 512)):
+                for page in (8, 16, 32, 64, 128, 256):
+                    choice = _select.decode_choice(0, dtype, d, dv, m, page)
+                    assert choice.family is _sm90, (m, dtype, d, page)
+                    assert choice.config == _sm90.DecodeConfig(min(page, 64), _sm90.smem_bytes(d, dv))
+        # What sm90 does not cover falls back to portable by itself.
+        for d, dv, page in ((320, 256, 64), (576, 512, 1), (576, 512, 48), (576, 512, 4)):
+            choice = _select.decode_choice(0, "bfloat16", d, dv, m, page)
+            assert choice.family is _portable, (d, page)
+            assert choice.config == _portable.decode_config(d, m, H200.smem_per_block, H200.smem_per_sm)
+    device(A100)
     for m in (1, 16, 32, 64, 128):
         choice = _select.decode_choice(0, "bfloat16", 576, 512, m, 64)
         assert choice.family is _portable
-        assert choice.config == _portable.decode_config(576, m, H200.smem_per_block, H200.smem_per_sm)
+        assert choice.config == _portable.decode_config(576, m, A100.smem_per_block, A100.smem_per_sm)
         assert choice.problem == _select.Problem("bfloat16", 576, 512, m, 64)
 
 
@@ -50,12 +71,19 @@ def test_forced_kind_and_its_errors(device):
     with _select.forced("portable"):
         assert _select.kind() == "portable"
         assert _select.decode_choice(0, "float16", 320, 256, 16, 1).family is _portable
+        assert _select.decode_choice(0, "bfloat16", 576, 512, 64, 64).family is _portable
         with _select.forced("sm90"):
             assert _select.kind() == "sm90"
-            with pytest.raises(UnsupportedDeviceError, match="sm90"):
-                _select.decode_choice(0, "bfloat16", 576, 512, 64, 64)
+            assert _select.decode_choice(0, "bfloat16", 576, 512, 64, 64).family is _sm90
+            with pytest.raises(UnsupportedDeviceError, match="sm90: head_dim 320/256"):
+                _select.decode_choice(0, "bfloat16", 320, 256, 64, 64)
+            with pytest.raises(UnsupportedDeviceError, match="sm90: page_block_size 1 "):
+                _select.decode_choice(0, "bfloat16", 576, 512, 64, 1)
         assert _select.kind() == "portable"
-    assert _select.kind() == _env.CONFIG.kernel
+    device(A100)
+    with _select.forced("sm90"), pytest.raises(UnsupportedDeviceError, match=r"sm90: needs compute capability 9\.0"):
+        _select.decode_choice(0, "bfloat16", 576, 512, 64, 64)
+    assert _select.kind() == "auto"  # the enclosing kind (the fixture's) is back
     with pytest.raises(ValueError, match="kernel kind"):
         with _select.forced("fastest"):
             pass
@@ -73,8 +101,11 @@ def test_sm_parts_follow_the_chosen_family(device):
     for info in (H200, A100):
         device(info)
         for m, h_kv in ((1, 1), (16, 1), (32, 2), (64, 1), (128, 1)):
-            want = num_sm_parts(info.sms * _portable.ctas_per_sm(m, info.smem_per_sm), m, h_kv)
-            assert _select.sm_parts(0, m, h_kv) == want
+            ctas = 1 if info is H200 else _portable.ctas_per_sm(m, info.smem_per_sm)  # sm90: one CTA per SM
+            assert _select.sm_parts(0, m, h_kv) == num_sm_parts(info.sms * ctas, m, h_kv)
+            with _select.forced("portable"):
+                want = num_sm_parts(info.sms * _portable.ctas_per_sm(m, info.smem_per_sm), m, h_kv)
+                assert _select.sm_parts(0, m, h_kv) == want
 
 
 def test_a_new_family_is_one_entry(device, monkeypatch):

@@ -1,0 +1,184 @@
+"""Kernel family "sm90": the Hopper split-KV decode of kernels/decode_sm90.cuh (wgmma, TMA,
+a producer warp and two consumer warpgroups, one CTA of 64 query rows per SM), built for
+sm_90a only. It follows the family contract described in ``_portable``; ``_select`` tries it
+before the portable family.
+
+It runs bf16 and fp16 at head dims 576/512 and 512/512, with pages of 8, 16 or 32 tokens or
+any multiple of 64 (the TMA box is min(page, 64) tokens of one page). Every other problem
+falls back to the portable family by itself.
+"""
+
+import dataclasses
+
+from . import _combine, _compile, _driver, _launch, _params
+from .support import DTYPES
+
+NAME = "sm90"
+FILES = _compile.COMMON_FILES + ("decode_sm90.cuh",)
+ARCH = "sm_90a"
+COMPUTE_CAPABILITY = 90
+
+HEAD_DIMS = ((576, 512), (512, 512))
+SMALL_PAGES = (8, 16, 32)  # a 64-token tile takes 64 / page TMA boxes per column chunk
+TILE_TOKENS = 64
+THREADS = 384  # producer warpgroup + two consumer warpgroups (DecodeTraits::THREADS)
+M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
+WARMUP_ROWS = (64,)  # the configuration does not depend on the number of query rows
+
+_LOG2E = 1.4426950408889634
+_TAG = {"bfloat16": "Bf16", "float16": "Fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    page_box: int  # tokens per TMA box, min(page_block_size, 64)
+    smem_bytes: int
+    threads: int = THREADS
+    ctas_per_sm: int = 1
+    m_tile: int = M_TILE
+
+
+def smem_bytes(head_dim, head_dim_v=512):
+    """Dynamic shared memory of the kernel (mirrors DecodeTraits::SMEM_BYTES; asserted when it
+    compiles): 1 KB of alignment slack, Q, two KV stages, P, row statistics, mbarriers."""
+    chunks = head_dim // 64
+    return 1024 + chunks * M_TILE * 128 + 2 * chunks * TILE_TOKENS * 128 + M_TILE * 128 + 2 * 2 * M_TILE * 4 \
+        + (2 * chunks + 2) * 8
+
+
+def page_box(page_block_size):
+    if page_block_size % TILE_TOKENS == 0:
+        return TILE_TOKENS
+    return page_block_size if page_block_size in SMALL_PAGES else None
+
+
+# ---- selection ----------------------------------------------------------------------------------
+
+def supports(device, problem):
+    """The configuration for `problem` on `device` (a _launch.DeviceInfo), or None."""
+    if why_not(device, problem):
+        return None
+    return DecodeConfig(page_box(problem.page_block_size), smem_bytes(problem.head_dim, problem.head_dim_v))
+
+
+def why_not(device, problem):
+    """Why this family cannot run `problem` on `device`, in words ("" when it can)."""
+    if device.cc != COMPUTE_CAPABILITY:
+        return f"needs compute capability 9.0 (sm_90a), the device has {device.cc // 10}.{device.cc % 10}"
+    if (problem.head_dim, problem.head_dim_v) not in HEAD_DIMS:
+        return f"head_dim {problem.head_dim}/{problem.head_dim_v} is not one of {HEAD_DIMS}"
+    if problem.dtype not in DTYPES:
+        return f"dtype {problem.dtype} is not one of {DTYPES}"
+    if page_box(problem.page_block_size) is None:
+        return (f"page_block_size {problem.page_block_size} is neither a multiple of {TILE_TOKENS} nor one of "
+                f"{SMALL_PAGES}")
+    if device.smem_per_block < smem_bytes(problem.head_dim, problem.head_dim_v):
+        return f"{device.smem_per_block} bytes of shared memory per block are fewer than {smem_bytes(problem.head_dim, problem.head_dim_v)}"
+    return ""
+
+
+# ---- variants -----------------------------------------------------------------------------------
+
+def expression(dtype, head_dim, head_dim_v, box):
+    return f"mla::sm90::decode_sm90_kernel<mla::sm90::{_TAG[dtype]}, {head_dim}, {head_dim_v}, {box}>"
+
+
+def variant(dtype, head_dim, head_dim_v, box):
+    """One module per kernel instantiation (each takes ~1 s to build), for sm_90a."""
+    expr = expression(dtype, head_dim, head_dim_v, box)
+    traits = f"mla::sm90::DecodeTraits<{head_dim}, {head_dim_v}, {box}>"
+    return _compile.Variant(f"decode_sm90_{_compile.dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_p{box}", (expr,),
+                            FILES, arch=ARCH,
+                            checks=((f"{traits}::SMEM_BYTES", smem_bytes(head_dim, head_dim_v)),
+                                    (f"{traits}::THREADS", THREADS), (f"{traits}::BM", M_TILE),
+                                    (f"{traits}::BN", TILE_TOKENS)))
+
+
+def variants(problem, config):
+    """Every module a call of `problem` with `config` needs: the decode and its combine."""
+    return [variant(problem.dtype, problem.head_dim, problem.head_dim_v, config.page_box),
+            _combine.variant(problem.dtype, problem.head_dim_v)]
+
+
+def all_variants():
+    return [variant(dt, d, dv, box) for dt in DTYPES for d, dv in HEAD_DIMS for box in (TILE_TOKENS, *SMALL_PAGES)]
+
+
+# ---- launch -------------------------------------------------------------------------------------
+
+def _decode_function(device_id, problem, config):
+    p = problem
+    return _launch.function(device_id, variant(p.dtype, p.head_dim, p.head_dim_v, config.page_box),
+                            expression(p.dtype, p.head_dim, p.head_dim_v, config.page_box), config.smem_bytes)
+
+
+def prepare(device_id, problem, config):
+    """Loads (building if needed) the kernels of `problem` and sets their launch attributes."""
+    _decode_function(device_id, problem, config)
+    _launch.function(device_id, _combine.variant(problem.dtype, problem.head_dim_v),
+                     _combine.expression(problem.dtype, problem.head_dim_v))
+
+
+def _strides(x, shape, itemsize):
+    if x is not None:
+        return tuple(s // itemsize for s in x.strides)
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def _tma_strides(kv):
+    """k_cache's byte strides for the tensor map: a dimension of extent 1 takes the dense
+    stride (its own stride is never used, and may be anything the validators allowed)."""
+    shape, strides = kv.shape, list(kv.strides)
+    dense = kv.itemsize * shape[3]
+    for i in (2, 1, 0):
+        if shape[i] == 1:
+            strides[i] = dense
+        dense = strides[i] * shape[i]
+    return tuple(strides)
+
+
+class DecodeLaunch:
+    """Decode + combine of one call signature (see ``_portable.DecodeLaunch``); the TMA
+    descriptor of each k_cache is encoded on its first call and cached by address."""
+
+    def __init__(self, device_id, arrays, problem, config):
+        pb, a = problem, arrays
+        q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
+        out_strides = _strides(a["out"], (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), es)
+        lse_strides = _strides(a["lse"], (pb.batch, pb.h_q, pb.s_q), 4)
+        self._template = _params.Template(
+            _params.DECODE_PARAMS,
+            o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
+            lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
+            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m,
+            q_stride_b=q.strides[0] // es, q_stride_s=q.strides[1] // es, q_stride_h=q.strides[2] // es,
+            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es,
+            kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
+            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
+            scale_log2=pb.softmax_scale * _LOG2E)
+        self._fn = _decode_function(device_id, pb, config)
+        self._grid = (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts)
+        self._block = (config.threads,)
+        self._smem = config.smem_bytes
+        self._kv_shape, self._kv_strides = tuple(kv.shape), _tma_strides(kv)
+        self._dtype, self._box = pb.dtype, config.page_box
+        self._combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides)
+        #: fp32 split workspace this launch needs: (rows, columns) of o_accum; lse_accum has rows.
+        self.workspace = ((pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m, pb.head_dim_v)
+
+    def __call__(self, stream, arrays, out, lse, o_accum, lse_accum):
+        """Launch decode then combine on `stream` (pointers as in ``_portable.DecodeLaunch``)."""
+        a = arrays
+        kv_ptr = a["k_cache"].data.ptr
+        kv_map = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box)
+        num_splits = a["num_splits"].data.ptr
+        params = self._template.pack(
+            q=a["q"].data.ptr, kv=kv_ptr, block_table=a["block_table"].data.ptr,
+            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
+            num_splits=num_splits, out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
+        self._fn(self._grid, self._block, (params, kv_map), self._smem, stream)
+        self._combine(stream, num_splits, o_accum, lse_accum, out, lse)
