@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from mla_cupy import _env, support
+from mla_cupy import _env, _sm90, support
 
 pytestmark = pytest.mark.cpu
 
@@ -114,3 +114,15 @@ def test_examples_named_in_readme_exist():
 def test_performance_section_has_the_table_marker_or_a_table():
     text = section("Performance")
     assert "<!-- bench-table -->" in text or "|---" in text
+
+
+def test_hopper_row_matches_the_sm90_family():
+    row = matrix_row("Hopper kernel")
+    cc = re.search(r"compute capability (\d+)\.(\d+)", row)
+    assert cc and int(cc[1]) * 10 + int(cc[2]) == _sm90.COMPUTE_CAPABILITY
+    pairs = tuple((int(d), int(dv)) for d, dv in re.findall(r"(\d+) / (\d+)", row))
+    assert pairs == _sm90.HEAD_DIMS
+    pages = re.search(r"`page_block_size` ((?:\d+, )*\d+) or a multiple of (\d+)", row)
+    assert pages, row
+    assert tuple(int(x) for x in pages[1].split(", ")) == _sm90.SMALL_PAGES
+    assert int(pages[2]) == _sm90.TILE_TOKENS
