@@ -15,7 +15,9 @@
 //                (wgmma m64n256k16: its own half of P from registers, the other consumer's half
 //                from shared memory; V is read transposed from the same K tile).
 //                The next tile's S is issued right behind this P V, so the tensor cores run
-//                the two back to back; a KV stage is released once both are complete.
+//                the two back to back; a KV stage is released once both are complete. Q's last
+//                three column chunks are held in registers (wgmma A fragments), so Q K^T reads
+//                A from shared memory for the other chunks only.
 //   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
 //
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
@@ -115,8 +117,10 @@ template <int N, bool IsBf16>
 MLA_DEVICE void wgmma_ss_tb(float* d, uint64_t da, uint64_t db, int accumulate);
 template <int N, bool IsBf16>
 MLA_DEVICE void wgmma_rs_tb(float* d, const uint32_t* a, uint64_t db, int accumulate);
+template <int N, bool IsBf16>
+MLA_DEVICE void wgmma_rs(float* d, const uint32_t* a, uint64_t db, int accumulate);
 
-// ---- wgmma instantiations (m64n32 / m64n256, bf16 and fp16) ----
+// ---- wgmma instantiations (m64n32 SS and RS, m64n256 SS and RS with B transposed; bf16, fp16) ----
 template <>
 MLA_DEVICE void wgmma_ss<32, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
@@ -177,6 +181,26 @@ MLA_DEVICE void wgmma_rs_tb<256, false>(float* d, const uint32_t* a, uint64_t db
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 }
 
+template <>
+MLA_DEVICE void wgmma_rs<32, true>(float* d, const uint32_t* a, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_rs<32, false>(float* d, const uint32_t* a, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
+
 // ---- the kernel -------------------------------------------------------------------------------------
 // PAGE_BOX: tokens per TMA box, min(page_size, 64); a 64-token tile takes 64 / PAGE_BOX boxes
 // per column chunk (one page each when pages are smaller than a tile).
@@ -198,6 +222,10 @@ struct DecodeTraits {
   static constexpr int SMEM_BYTES = ALIGN_SLACK + Q_BYTES + STAGES * STAGE_BYTES + P_BYTES + STAT_BYTES + BAR_BYTES;
   static constexpr int THREADS = 384;           // producer warpgroup + two consumer warpgroups
   static constexpr int BOXES = BN / PAGE_BOX;
+  // Q's last Q_REG_CHUNKS column chunks are held in registers as wgmma A fragments (16 per
+  // chunk): Q K^T then reads A from shared memory for the other chunks only.
+  static constexpr int Q_REG_CHUNKS = 3;
+  static constexpr int Q_SMEM_CHUNKS = CHUNKS - Q_REG_CHUNKS;
   static constexpr int PRODUCER_REGS = 40;
   static constexpr int CONSUMER_REGS = 232;
 
@@ -330,6 +358,19 @@ __global__ void __launch_bounds__(384, 1)
     cp_async_wait<0>();
     fence_async_smem();
     named_barrier(1, 256);
+    // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
+    // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
+    uint32_t qa[T::Q_REG_CHUNKS][4][4];
+#pragma unroll
+    for (int cq = 0; cq < T::Q_REG_CHUNKS; ++cq)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int r = r0 + 8 * (x & 1), piece = 2 * kk + (x >> 1);
+          const uint32_t a = sQ + (T::Q_SMEM_CHUNKS + cq) * (T::BM * 128) + r * 128 + ((piece ^ (r & 7)) << 4) + t4 * 4;
+          asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(qa[cq][kk][x]) : "r"(a) : "memory");
+        }
 
     float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
     int vis_end[2];
@@ -352,9 +393,13 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(full_bar(stage, c), phase);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          const uint64_t da = make_desc(sQ + c * (T::BM * 128) + kk * 32, 16, 1024);
           const uint64_t db = make_desc(sK + c * T::CHUNK_BYTES + cw * 32 * 128 + kk * 32, 16, 1024);
-          wgmma_ss<32, kBf16>(s, da, db, (c | kk) != 0);
+          if (c < T::Q_SMEM_CHUNKS) {
+            const uint64_t da = make_desc(sQ + c * (T::BM * 128) + kk * 32, 16, 1024);
+            wgmma_ss<32, kBf16>(s, da, db, (c | kk) != 0);
+          } else {
+            wgmma_rs<32, kBf16>(s, qa[c - T::Q_SMEM_CHUNKS][kk], db, 1);
+          }
         }
       }
       wgmma_commit();
