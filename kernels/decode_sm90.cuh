@@ -8,7 +8,7 @@
 //                64-token KV tiles (CHUNKS column chunks of 64 x 64 elements, one mbarrier per
 //                chunk so the math starts on the first chunk) into a two-stage ring.
 //   warpgroups 1, 2  consumers c = 0, 1. For each tile, consumer c computes S = Q K^T for the
-//                tile's tokens [32c, 32c + 32) (wgmma m64n32k16, Q and K from shared memory),
+//                tile's tokens [32c, 32c + 32) (wgmma m64n32k16, K from shared memory),
 //                the two exchange their row maxima through shared memory, each turns its half
 //                of S into P (bf16/fp16), keeps it in registers and also stores it to shared
 //                memory, and then accumulates O[:, 256c : 256c + 256] += P V over all 64 tokens
@@ -236,7 +236,7 @@ struct DecodeTraits {
 };
 
 template <class Elem, int D, int DV, int PAGE_BOX>
-__global__ void __launch_bounds__(384, 1)
+__global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TmaDesc kv_map) {
   using T = DecodeTraits<D, DV, PAGE_BOX>;
   constexpr bool kBf16 = Elem::kIsBf16;
