@@ -31,16 +31,23 @@ class CombineLaunch:
 
     def __init__(self, device_id, problem, out_strides, lse_strides):
         p = problem
-        self._fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v))
-        self._template = _params.Template(
-            _params.COMBINE_PARAMS, o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
-            lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
-            batch=p.batch, h_kv=p.h_kv, ngroups=p.ngroups, m=p.m)
-        units = p.m * (p.head_dim_v // SLICE_COLUMNS)
-        self._grid = (p.batch * ((units + WARPS - 1) // WARPS), p.h_kv)
-        self._block = (32 * WARPS,)
+        fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v))
+        params = _params.Block(
+            _params.COMBINE_PARAMS, POINTERS, o_stride_b=out_strides[0], o_stride_s=out_strides[1],
+            o_stride_h=out_strides[2], lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1],
+            lse_stride_s=lse_strides[2], batch=p.batch, h_kv=p.h_kv, ngroups=p.ngroups, m=p.m)
+        self.kernel = _launch.Kernel(fn, grid(p), (32 * WARPS,), 0, params)
 
     def __call__(self, stream, num_splits, o_accum, lse_accum, out, lse):
-        """Launch on `stream`; every argument is a device pointer (int)."""
-        params = self._template.pack(num_splits=num_splits, o_accum=o_accum, lse_accum=lse_accum, out=out, lse=lse)
-        self._fn(self._grid, self._block, (params,), 0, stream)
+        """Launch on stream `stream` (an int address); every other argument is a device pointer."""
+        self.kernel(stream, (num_splits, o_accum, lse_accum, out, lse))
+
+
+# Fields of CombineParams written per launch, in struct order; the rest are fixed per plan.
+POINTERS = ("num_splits", "o_accum", "lse_accum", "out", "lse")
+
+
+def grid(problem):
+    """(x, y) of the combine launch: requests times slice groups of a packed row, and KV heads."""
+    units = problem.m * (problem.head_dim_v // SLICE_COLUMNS)
+    return (problem.batch * ((units + WARPS - 1) // WARPS), problem.h_kv)

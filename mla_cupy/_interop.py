@@ -18,10 +18,17 @@ Ordering, with no host sync and no copy:
   ordering, ~2 us per tensor.
 * export (:meth:`Ctx.export`): the caller's current stream waits for the call's stream, through
   the consumer's ``from_dlpack`` handshake (JAX) or one event (torch).
+
+The per-call fast path (:func:`signature`, :func:`current_stream_ptr`, :func:`output_factory`)
+serves calls whose arrays are all CuPy arrays or all torch tensors on the current device, with
+no ``stream`` argument: pointers, shapes, strides and dtypes are read from the framework's own
+objects, the call runs on that framework's current stream (so no event and no handshake is
+needed) and results are allocated by that framework. Anything else takes the full path above.
 """
 
 import contextlib
 import dataclasses
+import sys
 
 import cupy
 
@@ -358,6 +365,8 @@ def import_arrays(named, stream=None):
     if device_id is None:
         device_id = cupy.cuda.runtime.getDevice()
 
+    if framework == "torch":
+        _register_torch()
     ctx_stream, torch_ptr = _resolve_stream(stream, framework, device_id)
     arrays = dict(named)
     foreign = [name for name in present if not isinstance(named[name], cupy.ndarray)]
@@ -373,3 +382,126 @@ def import_arrays(named, stream=None):
                     arrays[name] = cupy.from_dlpack(x)
     keepalive = tuple(named[name] for name in foreign)
     return arrays, Ctx(framework, device_id, ctx_stream, keepalive)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-call fast path: no DLPack, no CuPy wrappers of foreign arrays.
+
+current_device = cupy.cuda.runtime.getDevice
+
+
+def _cupy_signature(arrays, array_type):
+    key, pointers, device = [], [], None
+    for x in arrays:
+        if x is None:
+            key.append(None)
+            pointers.append(0)
+            continue
+        if type(x) is not array_type:
+            return None
+        memory = x.data
+        ptr, x_device = memory.ptr, memory.device_id
+        if device is None:
+            device = x_device
+        elif x_device != device:
+            return None
+        key.append((x.shape, x.strides, x.dtype, ptr & 15))
+        pointers.append(ptr)
+    return "cupy", (array_type, device, *key), pointers, device
+
+
+def _torch_signature(arrays, array_type):
+    key, pointers, device = [], [], None
+    for x in arrays:
+        if x is None:
+            key.append(None)
+            pointers.append(0)
+            continue
+        if type(x) is not array_type or not x.is_cuda:
+            return None
+        ptr, x_device = x.data_ptr(), x.get_device()
+        if device is None:
+            device = x_device
+        elif x_device != device:
+            return None
+        key.append((x.shape, x.stride(), x.dtype, ptr & 15))
+        pointers.append(ptr)
+    return "torch", (array_type, device, *key), pointers, device
+
+
+# Exact array type -> its signature reader. torch.Tensor is added once a torch tensor has taken
+# the full path (so importing mla_cupy never imports torch); subclasses are not included.
+_SIGNATURES = {cupy.ndarray: _cupy_signature}
+
+
+def signature(arrays):
+    """``(framework, key, pointers, device_id)`` of a call's arrays (a sequence; None entries
+    allowed, the first one not None), or None when the fast path cannot tell.
+
+    ``key`` holds everything the validators and the launch plan look at in each array (type,
+    device, shape, strides, dtype, the pointer's offset from 16 bytes), so two calls with equal
+    keys pass or fail the same checks; ``pointers`` are the data pointers (0 for None). None for
+    arrays of several types or devices, torch tensors off the GPU, unknown types, or anything that
+    raises while being read.
+    """
+    array_type = type(arrays[0])
+    reader = _SIGNATURES.get(array_type)
+    if reader is None:
+        return None
+    try:
+        return reader(arrays, array_type)
+    except Exception:  # e.g. a sparse tensor's stride(): the full path names the problem
+        return None
+
+
+def _register_torch():
+    torch = sys.modules.get("torch")  # already imported by whoever made the tensors
+    tensor = getattr(torch, "Tensor", None)
+    if isinstance(tensor, type):
+        _SIGNATURES[tensor] = _torch_signature
+
+
+def current_stream_ptr(framework, device_id):
+    """Address of the current stream of `framework` ("cupy" or "torch") on `device_id`."""
+    if framework == "torch":
+        return _torch_raw_stream()(device_id)
+    return cupy.cuda.get_current_stream(device_id).ptr
+
+
+_torch_stream_getter = []
+
+
+def _torch_raw_stream():
+    """torch's cheapest reader of its current stream's address: the raw-stream getter of its
+    C extension where it exists (what compilers built on torch call), else the public API."""
+    if not _torch_stream_getter:
+        import torch
+
+        getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if getter is None:
+            getter = _torch_current_stream
+        _torch_stream_getter.append(getter)
+    return _torch_stream_getter[0]
+
+
+def output_factory(framework, device_id, shape, dtype_name):
+    """A function of no arguments returning ``(array, device pointer)``: a new C-contiguous
+    array of `shape` and `dtype_name` in `framework` ("cupy" or "torch"), on `device_id` (the
+    current device) and allocated for use on the framework's current stream."""
+    if framework == "torch":
+        import torch
+
+        dtype, device = getattr(torch, dtype_name), torch.device("cuda", device_id)
+        empty = torch.empty
+
+        def make():
+            x = empty(shape, dtype=dtype, device=device)
+            return x, x.data_ptr()
+        return make
+    dtype = cupy.dtype(dtype_name)
+    empty = cupy.empty
+
+    def make():
+        x = empty(shape, dtype=dtype)
+        return x, x.data.ptr
+    return make

@@ -8,6 +8,9 @@ by ``offset_probe_source()``: a kernel whose PTX stores each field's offset as a
 read back by the compile test lane.
 """
 
+import ctypes
+import struct
+
 import numpy as np
 
 _PTR = np.uint64
@@ -111,3 +114,48 @@ class Template:
             values[self._slot[key]] = value
         return np.array(tuple(values), dtype=self.dtype).reshape(1).view(self._void)[0]
 
+
+
+class Block:
+    """A parameter block kept as one writable byte image for the life of a launch plan: the
+    fixed fields are written once, and each launch overwrites only the pointer fields named in
+    `dynamic` (consecutive 8-byte fields, in struct order) with one ``struct.pack_into``.
+
+    ``address`` is the image's host address (what ``cuLaunchKernelEx`` reads the argument
+    from); ``value()`` is a copy as a NumPy void scalar (a CuPy kernel call's argument).
+    """
+
+    def __init__(self, dtype, dynamic, **static):
+        unknown = [k for k in (*dynamic, *static) if k not in dtype.names]
+        if unknown:
+            raise ValueError(f"parameter block {dtype.names}: unknown fields {unknown}")
+        missing = [f for f in dtype.names if f not in static and f not in dynamic and not f.startswith("pad")]
+        if missing or set(dynamic) & set(static):
+            raise ValueError(f"parameter block {dtype.names}: every field is fixed or set per launch, once; "
+                             f"missing {missing}")
+        offsets = [dtype.fields[f][1] for f in dynamic]
+        if any(dtype.fields[f][0] != np.dtype(_PTR) for f in dynamic) or \
+                offsets != list(range(offsets[0], offsets[0] + 8 * len(dynamic), 8)):
+            raise ValueError(f"parameter block {dtype.names}: per-launch fields {dynamic} must be consecutive "
+                             "pointer fields")
+        image = np.zeros(1, dtype=dtype)
+        for key, value in static.items():
+            image[key] = value
+        self.dtype, self.dynamic = dtype, tuple(dynamic)
+        self.buffer = ctypes.create_string_buffer(image.tobytes(), dtype.itemsize)
+        self.address = ctypes.addressof(self.buffer)
+        self._offset = offsets[0]
+        self._packer = struct.Struct(f"<{len(dynamic)}Q")
+
+    def set(self, values):
+        """Write the per-launch pointers (ints, in the order of `dynamic`)."""
+        self._packer.pack_into(self.buffer, self._offset, *values)
+
+    def value(self):
+        """The current image as a NumPy structured scalar (a copy)."""
+        return np.frombuffer(self.buffer.raw, dtype=self.dtype)[0]
+
+    def fields(self):
+        """The current image as {field: value} (for tests and debugging)."""
+        v = self.value()
+        return {f: v[f].item() for f in self.dtype.names}

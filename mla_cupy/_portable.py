@@ -8,8 +8,9 @@ A family module defines: ``NAME``; ``WARMUP_ROWS``; a frozen config dataclass wi
 ``why_not(device, problem) -> str``; ``variants(problem, config)`` (every module one call
 needs) and ``all_variants()`` (every module any supported GPU can need, for the compile lane);
 ``prepare(device_id, problem, config)`` (load those modules, set launch attributes); and
-``DecodeLaunch(device_id, arrays, problem, config)`` with ``workspace`` and
-``__call__(stream, arrays, out, lse, o_accum, lse_accum)``.
+``DecodeLaunch(device_id, arrays, problem, config)`` with ``workspace``,
+``launch(stream_ptr, input_pointers, out, lse, o_accum, lse_accum)`` (the per-call path: ints
+only, see ``INPUTS``) and ``__call__(stream, arrays, out, lse, o_accum, lse_accum)``.
 """
 
 import dataclasses
@@ -199,8 +200,8 @@ class DecodeLaunch:
         q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
         out_strides = _strides(a["out"], (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), es)
         lse_strides = _strides(a["lse"], (pb.batch, pb.h_q, pb.s_q), 4)
-        self._template = _params.Template(
-            _params.DECODE_PARAMS,
+        params = _params.Block(
+            _params.DECODE_PARAMS, DECODE_POINTERS,
             o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
             lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
             batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m,
@@ -209,22 +210,31 @@ class DecodeLaunch:
             kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
             s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
             scale_log2=pb.softmax_scale * _LOG2E)
-        self._fn = _decode_function(device_id, pb, config)
-        self._grid = (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts)
-        self._block = (config.threads,)
-        self._smem = config.smem_bytes
-        self._combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides)
+        self.decode = _launch.Kernel(_decode_function(device_id, pb, config),
+                                     (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts), (config.threads,),
+                                     config.smem_bytes, params)
+        self.combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides)
         #: fp32 split workspace this launch needs: (rows, columns) of o_accum; lse_accum has rows.
         self.workspace = ((pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m, pb.head_dim_v)
 
+    def launch(self, stream, inputs, out, lse, o_accum, lse_accum):
+        """Launch decode then combine on stream `stream` (an int address) of the current device.
+        `inputs` are the device pointers of (q, k_cache, block_table, cache_seqlens,
+        tile_scheduler_metadata, num_splits); out, lse, o_accum, lse_accum device pointers."""
+        self.decode(stream, (*inputs, out, lse, o_accum, lse_accum))
+        self.combine(stream, inputs[5], o_accum, lse_accum, out, lse)
+
     def __call__(self, stream, arrays, out, lse, o_accum, lse_accum):
-        """Launch decode then combine on `stream`. `arrays` as at construction (same signature);
-        out, lse, o_accum, lse_accum are device pointers (int)."""
-        a = arrays
-        num_splits = a["num_splits"].data.ptr
-        params = self._template.pack(
-            q=a["q"].data.ptr, kv=a["k_cache"].data.ptr, block_table=a["block_table"].data.ptr,
-            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
-            num_splits=num_splits, out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
-        self._fn(self._grid, self._block, (params,), self._smem, stream)
-        self._combine(stream, num_splits, o_accum, lse_accum, out, lse)
+        """:meth:`launch` with a stream object (``.ptr``) and the CuPy arrays by argument name."""
+        self.launch(getattr(stream, "ptr", stream), input_pointers(arrays), out, lse, o_accum, lse_accum)
+
+
+# Fields of DecodeParams written per launch, in struct order: the six inputs (INPUTS), then
+# out, lse, o_accum, lse_accum. The rest are fixed per call signature.
+DECODE_POINTERS = ("q", "kv", "block_table", "seqlens", "sched", "num_splits", "out", "lse", "o_accum", "lse_accum")
+INPUTS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
+
+
+def input_pointers(arrays):
+    """Device pointers of the INPUTS of `arrays` (CuPy arrays by argument name)."""
+    return tuple(arrays[name].data.ptr for name in INPUTS)

@@ -10,7 +10,9 @@ falls back to the portable family by itself.
 
 import dataclasses
 
-from . import _combine, _compile, _driver, _launch, _params
+import numpy as np
+
+from . import _combine, _compile, _driver, _launch, _params, _portable
 from .support import DTYPES
 
 NAME = "sm90"
@@ -143,15 +145,15 @@ def _tma_strides(kv):
 
 class DecodeLaunch:
     """Decode + combine of one call signature (see ``_portable.DecodeLaunch``); the TMA
-    descriptor of each k_cache is encoded on its first call and cached by address."""
+    descriptor of each k_cache is encoded on its first call and kept by address (bounded)."""
 
     def __init__(self, device_id, arrays, problem, config):
         pb, a = problem, arrays
         q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
         out_strides = _strides(a["out"], (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), es)
         lse_strides = _strides(a["lse"], (pb.batch, pb.h_q, pb.s_q), 4)
-        self._template = _params.Template(
-            _params.DECODE_PARAMS,
+        params = _params.Block(
+            _params.DECODE_PARAMS, _portable.DECODE_POINTERS,
             o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
             lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
             batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m,
@@ -160,25 +162,34 @@ class DecodeLaunch:
             kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
             s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
             scale_log2=pb.softmax_scale * _LOG2E)
-        self._fn = _decode_function(device_id, pb, config)
-        self._grid = (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts)
-        self._block = (config.threads,)
-        self._smem = config.smem_bytes
+        self.decode = _launch.Kernel(_decode_function(device_id, pb, config),
+                                     (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts), (config.threads,),
+                                     config.smem_bytes, params, extra=1)
         self._kv_shape, self._kv_strides = tuple(kv.shape), _tma_strides(kv)
         self._dtype, self._box = pb.dtype, config.page_box
-        self._combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides)
+        self._maps = {}  # k_cache address -> (host address, bytes) of its tensor map
+        self.combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides)
         #: fp32 split workspace this launch needs: (rows, columns) of o_accum; lse_accum has rows.
         self.workspace = ((pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m, pb.head_dim_v)
 
+    def _kv_map(self, kv_ptr):
+        entry = self._maps.get(kv_ptr)
+        if entry is None:
+            desc = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box)
+            image = np.frombuffer(desc.tobytes(), dtype=np.uint8).copy()
+            if len(self._maps) >= _MAX_MAPS:
+                self._maps.clear()
+            entry = self._maps[kv_ptr] = (image.ctypes.data, image)
+        return entry
+
+    def launch(self, stream, inputs, out, lse, o_accum, lse_accum):
+        """Launch decode then combine on `stream` (arguments as in ``_portable.DecodeLaunch.launch``)."""
+        self.decode(stream, (*inputs, out, lse, o_accum, lse_accum), (self._kv_map(inputs[1]),))
+        self.combine(stream, inputs[5], o_accum, lse_accum, out, lse)
+
     def __call__(self, stream, arrays, out, lse, o_accum, lse_accum):
-        """Launch decode then combine on `stream` (pointers as in ``_portable.DecodeLaunch``)."""
-        a = arrays
-        kv_ptr = a["k_cache"].data.ptr
-        kv_map = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box)
-        num_splits = a["num_splits"].data.ptr
-        params = self._template.pack(
-            q=a["q"].data.ptr, kv=kv_ptr, block_table=a["block_table"].data.ptr,
-            seqlens=a["cache_seqlens"].data.ptr, sched=a["tile_scheduler_metadata"].data.ptr,
-            num_splits=num_splits, out=out, lse=lse, o_accum=o_accum, lse_accum=lse_accum)
-        self._fn(self._grid, self._block, (params, kv_map), self._smem, stream)
-        self._combine(stream, num_splits, o_accum, lse_accum, out, lse)
+        """:meth:`launch` with a stream object (``.ptr``) and the CuPy arrays by argument name."""
+        self.launch(getattr(stream, "ptr", stream), _portable.input_pointers(arrays), out, lse, o_accum, lse_accum)
+
+
+_MAX_MAPS = 1024  # tensor maps kept per launch plan (one per k_cache address: a layer's pool)

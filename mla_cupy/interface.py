@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import _compile, _launch, _metadata, _select, _validate
+from . import _compile, _launch, _metadata, _portable, _select, _validate
 from ._errors import UnsupportedDeviceError
 from .support import MIN_COMPUTE_CAPABILITY
 
@@ -57,6 +57,15 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
         Both in the caller's array type, computed on the GPU without a host sync; reuse them
         for every layer of a decode step with these ``cache_seqlens``.
     """
+    fast_key = None
+    if stream is None and not _validate.resolve_validate(validate):
+        sig = _signature((cache_seqlens,))
+        if sig is not None:
+            fast_key = (sig[1], *_typed(num_q_tokens_per_head_k, num_heads_k, num_heads_q, is_fp8_kvcache),
+                        topk is None, _kind())
+            entry = _cached(_fast_metadata, fast_key)
+            if entry is not None:
+                return entry.run(sig[2][0])
     arrays, ctx = _import({"cache_seqlens": cache_seqlens}, stream)
     seqlens = arrays["cache_seqlens"]
     key = (ctx.device_id, _array_key(seqlens), *_typed(num_q_tokens_per_head_k, num_heads_k, num_heads_q,
@@ -72,10 +81,67 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
         if _validate.resolve_validate(validate):
             _validate.check_seqlens_data(seqlens)
         sched, num_splits = _metadata.run(ctx.device_id, ctx.stream, seqlens, parts)
+    if fast_key is not None and sig[0] == ctx.framework and sig[3] == ctx.device_id:
+        _remember(_fast_metadata, fast_key, _FastMetadata(sig[0], ctx.device_id, seqlens.shape[0], parts))
     return ctx.export(sched), ctx.export(num_splits)
 
 
 _metadata_parts = {}  # validated get_mla_metadata signatures -> num_sm_parts
+# Fast-path keys (``_interop.signature`` and the scalars) of signatures that have passed the full
+# path -> _FastMetadata / _FastDecode.
+_fast_metadata = {}
+_fast_plans = {}
+
+
+class _FastMetadata:
+    """get_mla_metadata for a validated signature whose arrays are one framework's (CuPy or
+    torch) on the current device, with no stream argument: the outputs are allocated by that
+    framework and the scheduler runs on its current stream."""
+
+    def __init__(self, framework, device_id, batch, parts):
+        from . import _interop
+
+        self.framework, self.device_id = framework, device_id
+        self.launch = _metadata.launcher(device_id, batch, parts)
+        self.new_sched = _interop.output_factory(framework, device_id, (parts, _metadata.SCHED_METADATA_SIZE),
+                                                 "int32")
+        self.new_splits = _interop.output_factory(framework, device_id, (batch + 1,), "int32")
+        self.stream = _interop.current_stream_ptr
+
+    def run(self, seqlens):
+        sched, sched_ptr = self.new_sched()
+        num_splits, splits_ptr = self.new_splits()
+        self.launch(self.stream(self.framework, self.device_id), seqlens, sched_ptr, splits_ptr)
+        return sched, num_splits
+
+
+class _FastDecode:
+    """flash_mla_with_kvcache for a validated signature (see _FastMetadata): pointers in, the
+    plan's launch on the framework's current stream, results in the framework's arrays."""
+
+    def __init__(self, framework, device_id, plan):
+        from . import _interop
+
+        self.framework, self.device_id, self.plan = framework, device_id, plan
+        self.launch = plan.launch.launch
+        self.new_out = _interop.output_factory(framework, device_id, plan.out_shape, plan.pb.dtype)
+        self.new_lse = _interop.output_factory(framework, device_id, plan.lse_shape, "float32")
+        self.stream = _interop.current_stream_ptr
+
+    def run(self, pointers, out, lse):
+        stream = self.stream(self.framework, self.device_id)
+        if out is None:
+            out, out_ptr = self.new_out()
+        else:
+            out_ptr = pointers[6]
+        if lse is None:
+            lse, lse_ptr = self.new_lse()
+        else:
+            lse_ptr = pointers[7]
+        plan = self.plan
+        o_accum, lse_accum = _workspace(self.device_id, stream, plan.ws_rows, plan.ws_cols)
+        self.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)
+        return out, lse
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
@@ -119,6 +185,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
     lse : float32 [batch, h_q, s_q], natural log of each row's softmax denominator; a row that
         sees no key has out 0 and lse +inf.
     """
+    fast_key = None
+    if stream is None and not _validate.resolve_validate(validate):
+        sig = _signature((q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse))
+        if sig is not None:
+            fast_key = (sig[1], type(head_dim_v), head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal,
+                        type(is_fp8_kvcache), is_fp8_kvcache, indices is None, _kind())
+            entry = _cached(_fast_plans, fast_key)
+            if entry is not None:
+                return entry.run(sig[2], out, lse)
     named = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
              "out": out, "lse": lse}
@@ -142,6 +217,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
             _validate.check_device_data(a["block_table"], a["cache_seqlens"], plan.pb,
                                         a["tile_scheduler_metadata"], a["num_splits"])
         out_a, lse_a = plan.run(ctx, a)
+    if fast_key is not None and sig[0] == ctx.framework and sig[3] == ctx.device_id:
+        _remember(_fast_plans, fast_key, _FastDecode(sig[0], ctx.device_id, plan))
     return ctx.export(out_a), ctx.export(lse_a)
 
 
@@ -197,9 +274,34 @@ class _DecodePlan:
 
         out_a = a["out"] if a["out"] is not None else cupy.empty(self.out_shape, dtype=self.dtype)
         lse_a = a["lse"] if a["lse"] is not None else cupy.empty(self.lse_shape, dtype=np.float32)
-        o_accum, lse_accum = _workspace(ctx, self.ws_rows, self.ws_cols)
-        self.launch(ctx.stream, a, out_a.data.ptr, lse_a.data.ptr, o_accum, lse_accum)
+        stream = ctx.stream.ptr
+        o_accum, lse_accum = _workspace(ctx.device_id, stream, self.ws_rows, self.ws_cols)
+        self.launch.launch(stream, _portable.input_pointers(a), out_a.data.ptr, lse_a.data.ptr, o_accum, lse_accum)
         return out_a, lse_a
+
+
+def _signature(arrays):
+    """``_interop.signature(arrays)`` when its device is the current one, else None (also where
+    CuPy is missing: the full path says so)."""
+    interop = _fast_interop
+    if interop is None:
+        try:
+            from . import _interop as interop
+        except ImportError:
+            return None
+        _set_fast_interop(interop)
+    sig = interop.signature(arrays)
+    if sig is None or sig[3] != interop.current_device():
+        return None
+    return sig
+
+
+_fast_interop = None  # the _interop module once imported (it imports CuPy)
+
+
+def _set_fast_interop(module):
+    global _fast_interop
+    _fast_interop = module
 
 
 def _import(named, stream):
@@ -218,9 +320,10 @@ _workspaces = {}  # (device, stream) -> (buffer, {(rows, dv): (o_accum ptr, lse_
 _retired = []
 
 
-def _workspace(ctx, rows, dv):
-    """Device pointers of o_accum [rows, dv] and lse_accum [rows] (fp32) for this stream."""
-    key = (ctx.device_id, ctx.stream.ptr)
+def _workspace(device_id, stream, rows, dv):
+    """Device pointers of o_accum [rows, dv] and lse_accum [rows] (fp32) for stream `stream` (an
+    address) of device `device_id`, the current device."""
+    key = (device_id, stream)
     entry = _workspaces.get(key)
     if entry is not None:
         ptrs = entry[1].get((rows, dv))
