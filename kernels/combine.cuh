@@ -16,7 +16,7 @@ constexpr int kCombineWarps = 8;           // per CTA
 constexpr int kCombineSliceColumns = 128;  // columns of a row one warp merges, 4 per lane
 static_assert(kCombineSliceColumns == 32 * 4, "a lane merges one float4 of the slice");
 
-template <int DV, bool IsBf16>
+template <int DV, class Elem>
 __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __grid_constant__ CombineParams p) {
   static_assert(DV % kCombineSliceColumns == 0, "a row is made of whole slices");
   constexpr int SLICES = DV / kCombineSliceColumns;
@@ -61,8 +61,8 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __gri
   const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
   char* orow = static_cast<char*>(p.out) + 2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
   uint2 packed;
-  packed.x = pack2<IsBf16>(acc.x, acc.y);
-  packed.y = pack2<IsBf16>(acc.z, acc.w);
+  packed.x = pack2<Elem::kIsBf16>(acc.x, acc.y);
+  packed.y = pack2<Elem::kIsBf16>(acc.z, acc.w);
   *reinterpret_cast<uint2*>(orow + 2 * col) = packed;
   if (lane == 0 && slice == 0) {
     p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] = empty ? pos_inf() : lse2 * kLn2;

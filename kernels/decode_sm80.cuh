@@ -65,7 +65,7 @@ MLA_DEVICE uint32_t swz(int row, int chunk) {
   return uint32_t((row * CHUNKS + (chunk ^ (row & 7))) * 16);
 }
 
-template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, bool IsBf16>
+template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, class Elem>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>::NTHREADS, 1)
     decode_kernel(const __grid_constant__ DecodeParams p) {
   using T = DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>;
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
             ldmatrix_x4(sQ_addr + swz<T::CHUNKS>(wrow + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1],
                         a[2], a[3]);
 #pragma unroll
-            for (int j = 0; j < T::NT_S; ++j) mma_16816<IsBf16>(s_part[u][mt][j], a, b[j]);
+            for (int j = 0; j < T::NT_S; ++j) mma_16816<Elem::kIsBf16>(s_part[u][mt][j], a, b[j]);
           }
         }
       }
@@ -257,8 +257,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
           }
           const int col = n0 + j * 8 + 2 * t4;
           const int prow = wrow + mt * 16 + g;
-          store_u32(sP + prow * T::P_STRIDE + col, pack2<IsBf16>(s[mt][j][0], s[mt][j][1]));
-          store_u32(sP + (prow + 8) * T::P_STRIDE + col, pack2<IsBf16>(s[mt][j][2], s[mt][j][3]));
+          store_u32(sP + prow * T::P_STRIDE + col, pack2<Elem::kIsBf16>(s[mt][j][0], s[mt][j][1]));
+          store_u32(sP + (prow + 8) * T::P_STRIDE + col, pack2<Elem::kIsBf16>(s[mt][j][2], s[mt][j][3]));
         }
 #pragma unroll
       for (int r = 0; r < 2 * MT; ++r) {
@@ -308,8 +308,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
           ldmatrix_x4_trans(sK + swz<T::CHUNKS>(vtok, ((c0 + j * 16) >> 3) + (lane >> 4)), b[0], b[1], b[2], b[3]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            mma_16816<IsBf16>(o[mt][2 * j], a[mt], b);
-            mma_16816<IsBf16>(o[mt][2 * j + 1], a[mt], b + 2);
+            mma_16816<Elem::kIsBf16>(o[mt][2 * j], a[mt], b);
+            mma_16816<Elem::kIsBf16>(o[mt][2 * j + 1], a[mt], b + 2);
           }
         }
       }
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
 #pragma unroll
         for (int j = 0; j < T::NT_O; ++j) {
           const int col = wn * T::CPW + j * 8 + 2 * t4;
-          store_u32(orow + 2 * col, pack2<IsBf16>(o[mt][j][2 * h] * inv_l, o[mt][j][2 * h + 1] * inv_l));
+          store_u32(orow + 2 * col, pack2<Elem::kIsBf16>(o[mt][j][2 * h] * inv_l, o[mt][j][2 * h + 1] * inv_l));
         }
         if (wn == 0 && t4 == 0) {
           p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =

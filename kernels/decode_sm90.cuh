@@ -36,14 +36,6 @@ struct __align__(64) TmaDesc {
   uint64_t raw[16];
 };
 
-// ---- element types ------------------------------------------------------------------------------
-struct Bf16 {
-  static constexpr bool kIsBf16 = true;
-};
-struct Fp16 {
-  static constexpr bool kIsBf16 = false;
-};
-
 // ---- mbarriers, TMA, fences -----------------------------------------------------------------------
 MLA_DEVICE void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");

@@ -22,6 +22,17 @@ MLA_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 MLA_DEVICE float pos_inf() { return __int_as_float(0x7f800000); }
 
 // ---- 16-bit element types -------------------------------------------------------------------
+// Kernels take the element type as a traits type (Bf16 or Fp16); the low-level helpers below
+// take its kIsBf16. An FP8 cache would add a traits type of its own.
+struct Bf16 {
+  static constexpr bool kIsBf16 = true;
+  static constexpr int kBytes = 2;
+};
+struct Fp16 {
+  static constexpr bool kIsBf16 = false;
+  static constexpr int kBytes = 2;
+};
+
 // IsBf16 selects bfloat16 (true) or float16 (false) everywhere a kernel touches element bits.
 template <bool IsBf16>
 MLA_DEVICE uint32_t pack2(float lo, float hi) {

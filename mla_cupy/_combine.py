@@ -11,7 +11,7 @@ SLICE_COLUMNS = 128
 
 
 def expression(dtype, head_dim_v):
-    return f"mla::combine_kernel<{head_dim_v}, {_compile.cpp_bool(dtype)}>"
+    return f"mla::combine_kernel<{head_dim_v}, {_compile.cpp_elem(dtype)}>"
 
 
 def variant(dtype, head_dim_v):

@@ -137,9 +137,9 @@ def dtype_tag(dtype):
     return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
-def cpp_bool(dtype):
-    """The IsBf16 template argument of a dtype."""
-    return "true" if dtype == "bfloat16" else "false"
+def cpp_elem(dtype):
+    """The element-type traits of a dtype (kernels/prelude.cuh), as a template argument."""
+    return "mla::Bf16" if dtype == "bfloat16" else "mla::Fp16"
 
 
 

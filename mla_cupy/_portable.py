@@ -125,7 +125,7 @@ def why_not(device, problem):
 
 def expression(dtype, head_dim, head_dim_v, cfg):
     return (f"mla::decode_kernel<{head_dim}, {head_dim_v}, {cfg.m_tile}, {cfg.stages}, {cfg.warps_n}, "
-            f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}, {_compile.cpp_bool(dtype)}>")
+            f"{cfg.m_tiles_per_warp}, {cfg.kv_tile}, {_compile.cpp_elem(dtype)}>")
 
 
 def variant(dtype, head_dim, head_dim_v, cfg):

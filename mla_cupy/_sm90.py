@@ -28,7 +28,6 @@ M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
 WARMUP_ROWS = (64,)  # the configuration does not depend on the number of query rows
 
 _LOG2E = 1.4426950408889634
-_TAG = {"bfloat16": "Bf16", "float16": "Fp16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +81,7 @@ def why_not(device, problem):
 # ---- variants -----------------------------------------------------------------------------------
 
 def expression(dtype, head_dim, head_dim_v, box):
-    return f"mla::sm90::decode_sm90_kernel<mla::sm90::{_TAG[dtype]}, {head_dim}, {head_dim_v}, {box}>"
+    return f"mla::sm90::decode_sm90_kernel<{_compile.cpp_elem(dtype)}, {head_dim}, {head_dim_v}, {box}>"
 
 
 def variant(dtype, head_dim, head_dim_v, box):

@@ -113,7 +113,7 @@ def test_source_hash_sees_every_kernel_file(monkeypatch):
 
 
 def test_bad_source_raises_compile_error_with_log():
-    bad = _compile.Variant("bad", ("mla::decode_kernel<576, 512, 80, 2, 4, 1, 32, true>",),  # M_TILE 80 is rejected
+    bad = _compile.Variant("bad", ("mla::decode_kernel<576, 512, 80, 2, 4, 1, 32, mla::Bf16>",),  # M_TILE 80 is rejected
                            _portable.FILES)
     with pytest.raises(_compile.CompileError) as info:
         _compile.compile_offline(bad, "sm_80")
