@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import _compile, _launch, _metadata, _portable, _select, _validate
-from ._errors import UnsupportedDeviceError
+from ._errors import UnsupportedDeviceError, no_gpu_error, no_gpu_reason
 from .support import MIN_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("mla_cupy")
@@ -308,8 +308,7 @@ def _import(named, stream):
     try:
         from . import _interop
     except ImportError as exc:  # CuPy missing: the reference and the helpers still work
-        raise UnsupportedDeviceError(
-            "mla_cupy's GPU functions need CuPy: pip install 'mla-cupy[cuda12]' (or [cuda13])") from exc
+        raise no_gpu_error(exc) from None
     return _interop.import_arrays(named, stream)
 
 
@@ -364,10 +363,15 @@ def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=Non
     """
     head_dims, dtypes, ms = _validate.check_warmup_args(head_dims, dtypes, num_q_tokens_per_head_k,
                                                         default_rows=_select.warmup_rows())
-    import cupy
-
-    device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
-    _check_device(device_id)
+    try:
+        import cupy
+    except ImportError as exc:  # the same error as the decode calls raise
+        raise no_gpu_error(exc) from None
+    try:
+        device_id = cupy.cuda.runtime.getDevice() if device is None else int(device)
+        _check_device(device_id)
+    except cupy.cuda.runtime.CUDARuntimeError as exc:  # no driver, no device
+        raise no_gpu_error(exc) from None
     variants = [_metadata.variant()]
     choices = []
     for d, dv in head_dims:
@@ -408,18 +412,21 @@ def show_config(file=None):
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             lines.append(f"NVRTC unavailable: {exc}")
         try:
-            drv = cupy.cuda.runtime.driverGetVersion()
+            drv = cupy.cuda.runtime.driverGetVersion()  # 0 without a driver
             rt = cupy.cuda.runtime.runtimeGetVersion()
-            lines.append(f"CUDA driver {drv // 1000}.{drv % 1000 // 10}, runtime {rt // 1000}.{rt % 1000 // 10}")
+            lines.append(f"CUDA driver {f'{drv // 1000}.{drv % 1000 // 10}' if drv else 'not found'}, "
+                         f"runtime {rt // 1000}.{rt % 1000 // 10}")
             n = cupy.cuda.runtime.getDeviceCount()
+            if n < 1:
+                lines.append(no_gpu_reason(None))
             for i in range(n):
                 props = cupy.cuda.runtime.getDeviceProperties(i)
                 cc, sms, smem, _ = _launch.device_info(i)
                 lines.append(f"device {i}: {props['name'].decode()}, sm_{cc}, {sms} SMs, "
                              f"{smem // 1024} KB shared memory per block")
         except Exception as exc:  # noqa: BLE001
-            lines.append(f"no CUDA device: {exc}")
-    except ImportError:
-        lines.append("CuPy not installed (GPU functions unavailable; mla_cupy.reference works)")
+            lines.append(no_gpu_reason(exc))
+    except ImportError as exc:
+        lines.append(f"{no_gpu_reason(exc)} (mla_cupy.reference and mla_cupy.testing work without it)")
     lines.append(f"kernel cache dir: {_compile.cache_location()}")
     print("\n".join(lines), file=file or sys.stdout)
