@@ -22,23 +22,20 @@ import sys
 
 import numpy as np
 
+from mla_cupy.testing import gpu_status
+
 
 def why_no_gpu():
-    """None when CuPy sees a CUDA GPU, else the reason it does not."""
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-        return "the driver reports no devices"
-    except Exception as exc:  # CuPy missing, no driver, driver too old
-        return f"{type(exc).__name__}: {exc}"
+    """None when CuPy sees a CUDA GPU mla_cupy supports, else the reason it does not (no CuPy,
+    no NVIDIA driver or GPU, a driver too old for CuPy, a GPU older than compute capability 8.0)."""
+    ok, reason = gpu_status()
+    return None if ok else reason
 
 
 def main():
     reason = why_no_gpu()
     if reason is not None:
-        print(f"No CUDA GPU available ({reason}); nothing to run.")
+        print(f"No CUDA GPU available: {reason}. Nothing to run.")
         return 0
 
     import cupy as cp

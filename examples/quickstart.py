@@ -16,19 +16,14 @@ import time
 import numpy as np
 
 from mla_cupy.reference import flash_mla_with_kvcache_reference
-from mla_cupy.testing import assert_mla_close, make_decode_inputs
+from mla_cupy.testing import assert_mla_close, gpu_status, make_decode_inputs
 
 
 def why_no_gpu():
-    """None when CuPy sees a CUDA GPU, else the reason it does not."""
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-        return "the driver reports no devices"
-    except Exception as exc:  # CuPy missing, no driver, driver too old
-        return f"{type(exc).__name__}: {exc}"
+    """None when CuPy sees a CUDA GPU mla_cupy supports, else the reason it does not (no CuPy,
+    no NVIDIA driver or GPU, a driver too old for CuPy, a GPU older than compute capability 8.0)."""
+    ok, reason = gpu_status()
+    return None if ok else reason
 
 
 def run_on_gpu(rng):
@@ -89,7 +84,7 @@ def main():
     rng = np.random.default_rng()
     reason = why_no_gpu()
     if reason is not None:
-        print(f"No CUDA GPU available ({reason}); running the NumPy reference alone on a "
+        print(f"No CUDA GPU available: {reason}. Running the NumPy reference alone on a "
               f"smaller batch.")
         return run_reference_only(rng)
     run_on_gpu(rng)

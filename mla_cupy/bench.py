@@ -32,7 +32,8 @@ Method
 
 Only the standard library and NumPy are imported at module level: the sweep, the formulas and
 the formatting are plain functions that run (and are tested) without a GPU. CuPy is imported
-when the benchmark runs; PyTorch only when a peer is used.
+when the benchmark runs; PyTorch only when a peer is used. Without CuPy or a usable GPU it
+prints one line saying why and exits with status 2.
 """
 
 import argparse
@@ -1333,6 +1334,12 @@ def main(argv=None):
         sys.stdout.reconfigure(errors="replace")
     except (AttributeError, ValueError):
         pass
+    from mla_cupy.testing import gpu_status
+
+    ok, reason = gpu_status()
+    if not ok:  # one line, no traceback: nothing here can run without CuPy and a GPU
+        print(f"python -m mla_cupy.bench: cannot run: {reason}", file=sys.stderr, flush=True)
+        return 2
     run(args, emit=lambda line: print(line, flush=True))
     return 0
 

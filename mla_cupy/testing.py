@@ -7,7 +7,8 @@ a result against :func:`mla_cupy.reference.flash_mla_with_kvcache_reference` wit
 tolerances of the numerical contract.
 
 Everything here works on NumPy host arrays; results given as CuPy arrays are copied to the
-host. CuPy is never imported by this module.
+host. CuPy is imported only by :func:`gpu_status`, which says whether a GPU mla_cupy supports is
+visible, and if not, why (the examples and mla_cupy's own test lanes use it).
 """
 
 import concurrent.futures
@@ -17,8 +18,9 @@ import os
 import ml_dtypes
 import numpy as np
 
+from ._errors import no_gpu_reason
 from .reference import _host
-from .support import DTYPES, HEAD_DIMS, MAX_PAGE_BLOCK_SIZE, MIN_PAGE_BLOCK_SIZE
+from .support import DTYPES, HEAD_DIMS, MAX_PAGE_BLOCK_SIZE, MIN_COMPUTE_CAPABILITY, MIN_PAGE_BLOCK_SIZE
 
 __all__ = [
     "BLOCK_TABLE_SENTINEL",
@@ -27,6 +29,7 @@ __all__ = [
     "Mismatch",
     "assert_mla_close",
     "compare_mla",
+    "gpu_status",
     "make_decode_inputs",
 ]
 
@@ -468,3 +471,34 @@ def assert_mla_close(out, lse, out_ref, lse_ref, std=0.1, msg=None):
     if not report.passed:
         raise AssertionError(f"{msg}\n{report}" if msg else str(report))
     return report
+
+
+def gpu_status():
+    """Whether CuPy sees a GPU mla_cupy supports (on the current device), and if not, why.
+
+    Returns
+    -------
+    (True, description) or (False, reason)
+        ``description`` is e.g. ``"NVIDIA H200, compute capability 9.0"``; ``reason`` is one
+        line: CuPy missing (with what installs it), no NVIDIA driver or GPU found, a driver
+        too old for CuPy's CUDA runtime, or a GPU older than compute capability 8.0, with the
+        underlying error in parentheses. Never raises.
+    """
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001 - not installed, or a broken CUDA library
+        return False, no_gpu_reason(exc)
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False, no_gpu_reason(None)
+        device = cupy.cuda.Device()
+        major, minor = divmod(int(device.compute_capability), 10)
+        name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    except Exception as exc:  # noqa: BLE001 - no driver, driver too old, no device
+        return False, no_gpu_reason(exc)
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        need = "%d.%d" % MIN_COMPUTE_CAPABILITY
+        return False, (f"CUDA GPU {device.id} ({name}) has compute capability {major}.{minor}; "
+                       f"mla_cupy needs {need} or newer")
+    return True, f"{name}, compute capability {major}.{minor}"

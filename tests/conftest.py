@@ -30,29 +30,11 @@ def pytest_addoption(parser):
 
 @functools.lru_cache(maxsize=None)
 def gpu_status():
-    """``(True, description)`` if CuPy sees a GPU mla_cupy supports, else ``(False, reason)``."""
-    try:
-        import cupy
-    except Exception as exc:  # not installed, or a broken CUDA library
-        return False, (f"no CUDA GPU visible to CuPy: cupy cannot be imported "
-                       f"({type(exc).__name__}: {exc})")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no driver, driver too old, no device
-        return False, f"no CUDA GPU visible to CuPy: {type(exc).__name__}: {exc}"
-    if count < 1:
-        return False, "no CUDA GPU visible to CuPy: the driver reports 0 devices"
-    from mla_cupy.support import MIN_COMPUTE_CAPABILITY
+    """``(True, description)`` if CuPy sees a GPU mla_cupy supports, else ``(False, reason)``
+    (``mla_cupy.testing.gpu_status``, asked once per session)."""
+    from mla_cupy.testing import gpu_status as probe
 
-    device = cupy.cuda.Device()
-    major, minor = divmod(int(device.compute_capability), 10)
-    props = cupy.cuda.runtime.getDeviceProperties(device.id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    if (major, minor) < MIN_COMPUTE_CAPABILITY:
-        need = "%d.%d" % MIN_COMPUTE_CAPABILITY
-        return False, (f"CUDA GPU {device.id} ({name}) has compute capability {major}.{minor}; "
-                       f"mla_cupy needs {need} or newer")
-    return True, f"{name}, compute capability {major}.{minor}"
+    return probe()
 
 
 def gpu_available():

@@ -143,3 +143,49 @@ def test_show_config_without_a_driver_does_not_blame_the_driver_version(gpu_avai
     reason = [line for line in lines if "no NVIDIA driver or GPU found (" in line]
     assert len(reason) == 1, lines
     assert any(line.startswith("CUDA driver not found") for line in lines), lines
+
+
+def test_gpu_status_without_cupy_gives_the_install_hint(monkeypatch):
+    from mla_cupy.testing import gpu_status
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    ok, reason = gpu_status()
+    assert not ok
+    assert reason == _errors.no_gpu_reason(ModuleNotFoundError(
+        "import of cupy halted; None in sys.modules", name="cupy"))
+
+
+def test_gpu_status_agrees_with_the_test_lanes(gpu_available):
+    from mla_cupy.testing import gpu_status
+
+    ok, reason = gpu_status()
+    assert ok == gpu_available
+    assert "\n" not in reason
+
+
+def test_bench_without_a_gpu_ends_in_one_line(gpu_available):
+    if gpu_available:
+        pytest.skip("a CUDA GPU is visible")
+    from mla_cupy.testing import gpu_status
+
+    proc = subprocess.run([sys.executable, "-m", "mla_cupy.bench", "--quick"], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+                          capture_output=True, text=True, timeout=300)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 2, both
+    assert proc.stdout == "", both
+    assert proc.stderr == f"python -m mla_cupy.bench: cannot run: {gpu_status()[1]}\n", both
+    assert "Traceback" not in both and "Exception ignored" not in both
+
+
+def test_quickstart_without_a_gpu_gives_the_reason(gpu_available):
+    if gpu_available:
+        pytest.skip("a CUDA GPU is visible")
+    from mla_cupy.testing import gpu_status
+
+    proc = run_python("import runpy; runpy.run_path('examples/quickstart.py', run_name='__main__')")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(f"No CUDA GPU available: {gpu_status()[1]}. "), first
+    if _errors._driver_version() is None and "CuPy" not in first:
+        assert "no NVIDIA driver or GPU found (" in first, first
