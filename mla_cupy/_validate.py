@@ -82,21 +82,39 @@ def _dtype_name(dtype):
 def _data_ptr(x):
     ctypes_info = getattr(x, "ctypes", None)  # NumPy (whose .data is a memoryview)
     if ctypes_info is not None:
-        return int(ctypes_info.data)
+        return operator.index(ctypes_info.data)
     ptr = getattr(getattr(x, "data", None), "ptr", None)  # CuPy
     if ptr is not None:
-        return int(ptr)
+        return operator.index(ptr)
     for interface in ("__cuda_array_interface__", "__array_interface__"):
         info = getattr(x, interface, None)
         if info is not None:
-            return int(info["data"][0])
+            return operator.index(info["data"][0])
     return None
 
 
 def _check_array(name, x):
+    """An object with integer shape and strides (one per dimension) and a NumPy dtype."""
     if not all(hasattr(x, attr) for attr in ("shape", "dtype", "strides")):
         raise TypeError(
             f"{name}: expected an array with shape, dtype and strides, got {_type_name(x)}")
+    try:
+        shape = tuple(operator.index(n) for n in x.shape)
+        strides = tuple(operator.index(s) for s in x.strides)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected an array whose shape and strides are tuples of ints, got "
+            f"{_type_name(x)} with shape {x.shape!r} and strides {x.strides!r}") from None
+    if len(strides) != len(shape) or any(n < 0 for n in shape):
+        raise ValueError(
+            f"{name}: expected non-negative dimensions and one stride per dimension, got shape "
+            f"{shape} and strides {strides}")
+    try:
+        np.dtype(x.dtype)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name}: expected an array with a NumPy dtype, got {_type_name(x)} with dtype "
+            f"{x.dtype!r}") from None
 
 
 def _check_dtype(name, x, expected, note=""):
@@ -175,7 +193,12 @@ def _check_vector_layout(name, x):
 
 
 def _check_pointer_alignment(name, x, align):
-    ptr = _data_ptr(x)
+    try:
+        ptr = _data_ptr(x)
+    except (AttributeError, LookupError, TypeError, ValueError):
+        raise TypeError(
+            f"{name}: expected an array with an integer data pointer, got {_type_name(x)}"
+        ) from None
     if ptr is not None and ptr % align:
         raise ValueError(
             f"{name}: expected a data pointer aligned to {align} bytes, got address {ptr:#x} "
@@ -194,6 +217,7 @@ def _check_index_vector(name, x, length, what):
     elif n != length:
         raise ValueError(f"{name}: expected shape ({length},) [{what}], got {(n,)}")
     _check_c_contiguous(name, x)
+    _check_pointer_alignment(name, x, _itemsize(x))
 
 
 def _positive_int(name, value):
@@ -343,6 +367,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
     _check_strides_nonnegative("block_table", block_table)
     _check_last_dim_contiguous("block_table", block_table)
     _check_element_strides("block_table", block_table)
+    _check_pointer_alignment("block_table", block_table, _itemsize(block_table))
 
     _check_index_vector("cache_seqlens", cache_seqlens, batch, "batch")
 
@@ -357,6 +382,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
             f"{name}: expected shape (num_sm_parts >= 1, {SCHED_METADATA_SIZE}) as returned by "
             f"get_mla_metadata, got {tuple(tile_scheduler_metadata.shape)}")
     _check_c_contiguous(name, tile_scheduler_metadata)
+    _check_pointer_alignment(name, tile_scheduler_metadata, _itemsize(tile_scheduler_metadata))
 
     _check_array("num_splits", num_splits)
     _check_dtype("num_splits", num_splits, INDEX_DTYPE)
@@ -367,6 +393,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
             f"tile_scheduler_metadata and num_splits look like metadata from a different batch, "
             f"call get_mla_metadata with this batch's cache_seqlens")
     _check_c_contiguous("num_splits", num_splits)
+    _check_pointer_alignment("num_splits", num_splits, _itemsize(num_splits))
 
     # Scalars.
     if softmax_scale is None:
@@ -376,7 +403,12 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v,
                 softmax_scale, numbers.Real):
             raise TypeError(
                 f"softmax_scale: expected a float or None, got {_type_name(softmax_scale)}")
-        scale = float(softmax_scale)
+        try:
+            scale = float(softmax_scale)
+        except OverflowError:
+            raise ValueError(
+                f"softmax_scale: expected a finite positive float, got {_type_name(softmax_scale)} "
+                "too large for a float") from None
         if not math.isfinite(scale) or scale <= 0.0:
             raise ValueError(
                 f"softmax_scale: expected a finite positive float, got {softmax_scale!r}")

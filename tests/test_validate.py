@@ -160,6 +160,10 @@ BF16 = NP_DTYPES["bfloat16"]
 F16 = NP_DTYPES["float16"]
 
 
+def _with_ptr(x, ptr):
+    return FakeArray(x.shape, x.dtype, x.strides, ptr=ptr)
+
+
 def _misaligned(shape, dtype, offset_bytes):
     return lambda a: aligned_empty(shape, dtype, offset_bytes)
 
@@ -192,6 +196,10 @@ BAD_DECODE = [
      ["q:", "aligned to 16 bytes", "offset 2"]),
     ("q-negative-stride", _set(q=lambda a: a["q"][::-1]), ValueError,
      ["q:", "non-negative strides"]),
+    ("q-shape-not-ints", _set(q=types.SimpleNamespace(shape=None, dtype=BF16, strides=())),
+     TypeError, ["q:", "tuples of ints"]),
+    ("q-pointer-not-int", _set(q=lambda a: _with_ptr(a["q"], "0x100")), TypeError,
+     ["q:", "integer data pointer"]),
     # head_dim_v
     ("dv-mismatch", _set(head_dim_v=256), ValueError,
      ["head_dim_v:", "expected 512 for head_dim 576", "got 256"]),
@@ -223,6 +231,9 @@ BAD_DECODE = [
      ValueError, ["k_cache:", "multiple of 16 bytes"]),
     ("k-misaligned", _set(k_cache=_misaligned((8, 64, 1, 576), BF16, 8)), ValueError,
      ["k_cache:", "aligned to 16 bytes"]),
+    ("k-strides-short", _set(k_cache=types.SimpleNamespace(shape=(8, 64, 1, 576), dtype=BF16,
+                                                           strides=(2,))),
+     ValueError, ["k_cache:", "one stride per dimension"]),
     # block_table
     ("bt-int64", _set(block_table=np.zeros((2, 4), np.int64)), TypeError,
      ["block_table: expected dtype int32, got int64"]),
@@ -234,6 +245,8 @@ BAD_DECODE = [
      ValueError, ["block_table:", "last dimension contiguous"]),
     ("bt-odd-row-stride", _set(block_table=FakeArray((2, 4), np.int32, strides=(18, 4))),
      ValueError, ["block_table:", "multiples of the item size 4"]),
+    ("bt-misaligned", _set(block_table=FakeArray((2, 4), np.int32, ptr=ALIGN + 2)), ValueError,
+     ["block_table:", "aligned to 4 bytes", "offset 2"]),
     ("bt-array-like", _set(block_table=[[0, 1, 2, 3], [4, 5, 6, 7]]), TypeError,
      ["block_table:", "got list"]),
     # cache_seqlens
@@ -245,6 +258,8 @@ BAD_DECODE = [
      ["cache_seqlens:", "expected shape (2,)", "got (3,)"]),
     ("sl-strided", _set(cache_seqlens=np.zeros(4, np.int32)[::2]), ValueError,
      ["cache_seqlens:", "C-contiguous"]),
+    ("sl-misaligned", _set(cache_seqlens=FakeArray((2,), np.int32, ptr=ALIGN + 1)), ValueError,
+     ["cache_seqlens:", "aligned to 4 bytes"]),
     # tile_scheduler_metadata
     ("meta-int64", _set(tile_scheduler_metadata=np.zeros((4, SCHED_METADATA_SIZE), np.int64)),
      TypeError, ["tile_scheduler_metadata: expected dtype int32, got int64"]),
@@ -258,6 +273,9 @@ BAD_DECODE = [
     ("meta-fortran", _set(tile_scheduler_metadata=np.asfortranarray(
         np.zeros((4, SCHED_METADATA_SIZE), np.int32))), ValueError,
      ["tile_scheduler_metadata:", "C-contiguous"]),
+    ("meta-misaligned", _set(tile_scheduler_metadata=FakeArray((4, SCHED_METADATA_SIZE), np.int32,
+                                                               ptr=ALIGN + 2)),
+     ValueError, ["tile_scheduler_metadata:", "aligned to 4 bytes"]),
     # num_splits
     ("splits-length", _set(num_splits=np.zeros(5, np.int32)), ValueError,
      ["num_splits:", "expected length 3 (batch + 1), got 5", "different batch"]),
@@ -267,6 +285,8 @@ BAD_DECODE = [
      ["num_splits:", "1 dimension ["]),
     ("splits-strided", _set(num_splits=np.zeros(6, np.int32)[::2]), ValueError,
      ["num_splits:", "C-contiguous"]),
+    ("splits-misaligned", _set(num_splits=FakeArray((3,), np.int32, ptr=ALIGN + 3)), ValueError,
+     ["num_splits:", "aligned to 4 bytes"]),
     # scalars
     ("scale-str", _set(softmax_scale="0.1"), TypeError, ["softmax_scale:", "got str"]),
     ("scale-bool", _set(softmax_scale=True), TypeError, ["softmax_scale:", "got bool"]),
@@ -275,6 +295,8 @@ BAD_DECODE = [
     ("scale-negative", _set(softmax_scale=-0.1), ValueError, ["softmax_scale:", "got -0.1"]),
     ("scale-nan", _set(softmax_scale=float("nan")), ValueError, ["softmax_scale:", "nan"]),
     ("scale-inf", _set(softmax_scale=float("inf")), ValueError, ["softmax_scale:", "inf"]),
+    ("scale-huge-int", _set(softmax_scale=10 ** 400), ValueError,
+     ["softmax_scale:", "int too large for a float"]),
     ("causal-str", _set(causal="yes"), TypeError, ["causal:", "expected a bool", "'yes'"]),
     ("causal-none", _set(causal=None), TypeError, ["causal:", "None"]),
     ("causal-two", _set(causal=2), TypeError, ["causal:", "got 2"]),
@@ -288,6 +310,9 @@ BAD_DECODE = [
     ("out-misaligned", _set(out=_misaligned((2, 2, 16, 512), BF16, 4)), ValueError,
      ["out:", "aligned to 16 bytes"]),
     ("out-list", _set(out=[]), TypeError, ["out:", "got list"]),
+    ("out-dtype-not-numpy", _set(out=types.SimpleNamespace(
+        shape=(2, 2, 16, 512), dtype=types.SimpleNamespace(name="bfloat16"),
+        strides=(32768, 16384, 1024, 2))), TypeError, ["out:", "NumPy dtype"]),
     # lse
     ("lse-dtype", _set(lse=np.zeros((2, 16, 2), np.float16)), TypeError,
      ["lse: expected dtype float32, got float16"]),
@@ -350,6 +375,8 @@ BAD_METADATA = [
      ["cache_seqlens:", "at least one entry"]),
     ("sl-strided", {"cache_seqlens": np.zeros(8, np.int32)[::2]}, ValueError,
      ["cache_seqlens:", "C-contiguous"]),
+    ("sl-misaligned", {"cache_seqlens": FakeArray((4,), np.int32, ptr=ALIGN + 2)}, ValueError,
+     ["cache_seqlens:", "aligned to 4 bytes"]),
     ("tokens-zero", {"num_q_tokens_per_head_k": 0}, ValueError,
      ["num_q_tokens_per_head_k:", "positive int", "got 0"]),
     ("tokens-str", {"num_q_tokens_per_head_k": "16"}, TypeError,
