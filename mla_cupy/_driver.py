@@ -4,13 +4,12 @@
 for the sm90 decode kernel: one 4-D tiled map over the whole pool
 ``[num_blocks, page_block_size, h_kv, head_dim]`` whose box is 64 columns x ``page_box``
 tokens of one head and one page, 128-byte swizzled, so the page id picked from the block table
-is simply the outermost coordinate. Encoding costs ~10 µs; maps are cached per (address,
-shape, strides, dtype, box), bounded.
+is simply the outermost coordinate. Encoding costs ~10 µs; each sm90 launch plan keeps the
+maps of the k_cache addresses it has seen (``_sm90.DecodeLaunch``).
 """
 
 import ctypes
 import functools
-import threading
 
 import numpy as np
 
@@ -24,7 +23,6 @@ _INTERLEAVE_NONE = 0
 _OOB_FILL_NONE = 0
 
 TMA_BOX_COLUMNS = 64  # 64 16-bit elements = one 128-byte swizzle row
-_MAX_MAPS = 4096
 
 
 @functools.cache
@@ -42,36 +40,23 @@ def _libcuda():
     return lib
 
 
-_maps = {}
-_lock = threading.Lock()
-
-
 def encode_kv_map(ptr, shape, strides, dtype_name, page_box):
-    """The CUtensorMap of k_cache as a NumPy ``V128`` scalar (a kernel's by-value argument).
+    """The CUtensorMap of k_cache: 128 bytes in a NumPy uint8 array (a kernel's by-value argument).
 
     shape = (num_blocks, page_block_size, h_kv, head_dim) and strides in bytes, as CuPy gives
     them; the last dimension is contiguous and every other stride a multiple of 16 bytes
     (checked by the validators before this is reached).
     """
-    key = (ptr, shape, strides, dtype_name, page_box)
-    desc = _maps.get(key)
-    if desc is not None:
-        return desc
     num_blocks, page, h_kv, d = shape
     dims = (ctypes.c_uint64 * 4)(d, h_kv, page, num_blocks)
     gstrides = (ctypes.c_uint64 * 3)(strides[2], strides[1], strides[0])
     box = (ctypes.c_uint32 * 4)(TMA_BOX_COLUMNS, 1, page_box, 1)
     elem = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    buf = np.zeros(1, dtype="V128")
+    buf = np.zeros(128, dtype=np.uint8)
     rc = _libcuda().cuTensorMapEncodeTiled(
         buf.ctypes.data, _DATA_TYPES[dtype_name], 4, ctypes.c_void_p(ptr), dims, gstrides, box, elem,
         _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_NONE)
     if rc != 0:
         raise UnsupportedDeviceError(
             f"k_cache: cuTensorMapEncodeTiled failed (CUresult {rc}) for shape {shape}, strides {strides}")
-    desc = buf[0]
-    with _lock:
-        if len(_maps) >= _MAX_MAPS:
-            _maps.clear()
-        _maps[key] = desc
-    return desc
+    return buf

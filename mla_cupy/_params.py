@@ -159,3 +159,51 @@ class Block:
         """The current image as {field: value} (for tests and debugging)."""
         v = self.value()
         return {f: v[f].item() for f in self.dtype.names}
+
+
+# ---- the decode parameter block (every decode family's kernel takes DecodeParams) -------------
+
+_LOG2E = 1.4426950408889634
+
+# Fields of DecodeParams written per launch, in struct order: the six inputs (INPUTS), then
+# out, lse, o_accum, lse_accum. The rest are fixed per call signature.
+DECODE_POINTERS = ("q", "kv", "block_table", "seqlens", "sched", "num_splits", "out", "lse", "o_accum", "lse_accum")
+INPUTS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
+
+
+def input_pointers(arrays):
+    """Device pointers of the INPUTS of `arrays` (CuPy arrays by argument name)."""
+    return tuple(arrays[name].data.ptr for name in INPUTS)
+
+
+def element_strides(x, shape, itemsize):
+    """Strides of array `x` in elements, or C-contiguous ones of `shape` when `x` is None."""
+    if x is not None:
+        return tuple(s // itemsize for s in x.strides)
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def decode_block(arrays, problem):
+    """The DecodeParams Block of one call signature, and the out / lse strides (elements) the
+    combine needs. `arrays` are the call's CuPy arrays by argument name, `problem` the validated
+    ``_validate.DecodeProblem``; out / lse strides are those of ``arrays["out"]`` /
+    ``arrays["lse"]``, or C-contiguous when they are None."""
+    pb, a = problem, arrays
+    q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
+    out_strides = element_strides(a["out"], (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), es)
+    lse_strides = element_strides(a["lse"], (pb.batch, pb.h_q, pb.s_q), 4)
+    block = Block(
+        DECODE_PARAMS, DECODE_POINTERS,
+        o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
+        lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
+        batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m,
+        q_stride_b=q.strides[0] // es, q_stride_s=q.strides[1] // es, q_stride_h=q.strides[2] // es,
+        kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es,
+        kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
+        s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
+        scale_log2=pb.softmax_scale * _LOG2E)
+    return block, out_strides, lse_strides

@@ -10,7 +10,7 @@ needs) and ``all_variants()`` (every module any supported GPU can need, for the 
 ``prepare(device_id, problem, config)`` (load those modules, set launch attributes); and
 ``DecodeLaunch(device_id, arrays, problem, config)`` with ``workspace``,
 ``launch(stream_ptr, input_pointers, out, lse, o_accum, lse_accum)`` (the per-call path: ints
-only, see ``INPUTS``) and ``__call__(stream, arrays, out, lse, o_accum, lse_accum)``.
+only, see ``_params.INPUTS``) and ``__call__(stream, arrays, out, lse, o_accum, lse_accum)``.
 """
 
 import dataclasses
@@ -30,7 +30,6 @@ WARMUP_ROWS = M_TILES  # one problem per tile size: every configuration this fam
 SMEM_CLASSES = ((101376, 102400), (166912, 167936), (232448, 233472))
 SMEM_RESERVED_PER_CTA = 1024  # the hardware keeps 1 KB of every CTA's shared memory
 
-_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +178,6 @@ def prepare(device_id, problem, config):
                      _combine.expression(problem.dtype, problem.head_dim_v))
 
 
-def _strides(x, shape, itemsize):
-    if x is not None:
-        return tuple(s // itemsize for s in x.strides)
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return tuple(reversed(strides))
-
-
 class DecodeLaunch:
     """Decode + combine of one call signature: the fixed fields of both parameter blocks, the
     grid and the loaded kernels. `arrays` are the call's (CuPy) arrays by argument name, `problem`
@@ -196,20 +185,8 @@ class DecodeLaunch:
     ``arrays["lse"]``, or C-contiguous when they are None."""
 
     def __init__(self, device_id, arrays, problem, config):
-        pb, a = problem, arrays
-        q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
-        out_strides = _strides(a["out"], (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), es)
-        lse_strides = _strides(a["lse"], (pb.batch, pb.h_q, pb.s_q), 4)
-        params = _params.Block(
-            _params.DECODE_PARAMS, DECODE_POINTERS,
-            o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
-            lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
-            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m,
-            q_stride_b=q.strides[0] // es, q_stride_s=q.strides[1] // es, q_stride_h=q.strides[2] // es,
-            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es,
-            kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
-            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
-            scale_log2=pb.softmax_scale * _LOG2E)
+        pb = problem
+        params, out_strides, lse_strides = _params.decode_block(arrays, pb)
         self.decode = _launch.Kernel(_decode_function(device_id, pb, config),
                                      (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts), (config.threads,),
                                      config.smem_bytes, params)
@@ -226,15 +203,4 @@ class DecodeLaunch:
 
     def __call__(self, stream, arrays, out, lse, o_accum, lse_accum):
         """:meth:`launch` with a stream object (``.ptr``) and the CuPy arrays by argument name."""
-        self.launch(getattr(stream, "ptr", stream), input_pointers(arrays), out, lse, o_accum, lse_accum)
-
-
-# Fields of DecodeParams written per launch, in struct order: the six inputs (INPUTS), then
-# out, lse, o_accum, lse_accum. The rest are fixed per call signature.
-DECODE_POINTERS = ("q", "kv", "block_table", "seqlens", "sched", "num_splits", "out", "lse", "o_accum", "lse_accum")
-INPUTS = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits")
-
-
-def input_pointers(arrays):
-    """Device pointers of the INPUTS of `arrays` (CuPy arrays by argument name)."""
-    return tuple(arrays[name].data.ptr for name in INPUTS)
+        self.launch(getattr(stream, "ptr", stream), _params.input_pointers(arrays), out, lse, o_accum, lse_accum)

@@ -10,9 +10,7 @@ falls back to the portable family by itself.
 
 import dataclasses
 
-import numpy as np
-
-from . import _combine, _compile, _driver, _launch, _params, _portable
+from . import _combine, _compile, _driver, _launch, _params
 from .support import DTYPES
 
 NAME = "sm90"
@@ -27,7 +25,6 @@ THREADS = 384  # producer warpgroup + two consumer warpgroups (DecodeTraits::THR
 M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
 WARMUP_ROWS = (64,)  # the configuration does not depend on the number of query rows
 
-_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +117,6 @@ def prepare(device_id, problem, config):
                      _combine.expression(problem.dtype, problem.head_dim_v))
 
 
-def _strides(x, shape, itemsize):
-    if x is not None:
-        return tuple(s // itemsize for s in x.strides)
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n
-    return tuple(reversed(strides))
-
-
 def _tma_strides(kv):
     """k_cache's byte strides for the tensor map: a dimension of extent 1 takes the dense
     stride (its own stride is never used, and may be anything the validators allowed)."""
@@ -147,20 +134,8 @@ class DecodeLaunch:
     descriptor of each k_cache is encoded on its first call and kept by address (bounded)."""
 
     def __init__(self, device_id, arrays, problem, config):
-        pb, a = problem, arrays
-        q, kv, es = a["q"], a["k_cache"], a["q"].itemsize
-        out_strides = _strides(a["out"], (pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), es)
-        lse_strides = _strides(a["lse"], (pb.batch, pb.h_q, pb.s_q), 4)
-        params = _params.Block(
-            _params.DECODE_PARAMS, _portable.DECODE_POINTERS,
-            o_stride_b=out_strides[0], o_stride_s=out_strides[1], o_stride_h=out_strides[2],
-            lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1], lse_stride_s=lse_strides[2],
-            batch=pb.batch, h_kv=pb.h_kv, ngroups=pb.ngroups, m=pb.m,
-            q_stride_b=q.strides[0] // es, q_stride_s=q.strides[1] // es, q_stride_h=q.strides[2] // es,
-            kv_stride_block=kv.strides[0] // es, kv_stride_tok=kv.strides[1] // es,
-            kv_stride_head=kv.strides[2] // es, bt_stride_b=a["block_table"].strides[0] // 4,
-            s_q=pb.s_q, h_q=pb.h_q, page_size=pb.page_block_size, causal=int(pb.causal),
-            scale_log2=pb.softmax_scale * _LOG2E)
+        pb, kv = problem, arrays["k_cache"]
+        params, out_strides, lse_strides = _params.decode_block(arrays, pb)
         self.decode = _launch.Kernel(_decode_function(device_id, pb, config),
                                      (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts), (config.threads,),
                                      config.smem_bytes, params, extra=1)
@@ -174,8 +149,7 @@ class DecodeLaunch:
     def _kv_map(self, kv_ptr):
         entry = self._maps.get(kv_ptr)
         if entry is None:
-            desc = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box)
-            image = np.frombuffer(desc.tobytes(), dtype=np.uint8).copy()
+            image = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box)
             if len(self._maps) >= _MAX_MAPS:
                 self._maps.clear()
             entry = self._maps[kv_ptr] = (image.ctypes.data, image)
@@ -188,7 +162,7 @@ class DecodeLaunch:
 
     def __call__(self, stream, arrays, out, lse, o_accum, lse_accum):
         """:meth:`launch` with a stream object (``.ptr``) and the CuPy arrays by argument name."""
-        self.launch(getattr(stream, "ptr", stream), _portable.input_pointers(arrays), out, lse, o_accum, lse_accum)
+        self.launch(getattr(stream, "ptr", stream), _params.input_pointers(arrays), out, lse, o_accum, lse_accum)
 
 
 _MAX_MAPS = 1024  # tensor maps kept per launch plan (one per k_cache address: a layer's pool)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import _compile, _launch, _metadata, _portable, _select, _validate
+from . import _compile, _launch, _metadata, _params, _select, _validate
 from ._errors import UnsupportedDeviceError, no_gpu_error, no_gpu_reason
 from .support import MIN_COMPUTE_CAPABILITY
 
@@ -276,7 +276,7 @@ class _DecodePlan:
         lse_a = a["lse"] if a["lse"] is not None else cupy.empty(self.lse_shape, dtype=np.float32)
         stream = ctx.stream.ptr
         o_accum, lse_accum = _workspace(ctx.device_id, stream, self.ws_rows, self.ws_cols)
-        self.launch.launch(stream, _portable.input_pointers(a), out_a.data.ptr, lse_a.data.ptr, o_accum, lse_accum)
+        self.launch.launch(stream, _params.input_pointers(a), out_a.data.ptr, lse_a.data.ptr, o_accum, lse_accum)
         return out_a, lse_a
 
 

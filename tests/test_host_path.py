@@ -48,14 +48,12 @@ def test_block_writes_only_the_pointers():
 
 
 def test_block_decode_and_metadata_layouts():
-    from mla_cupy import _portable
-
     static = {f: i + 100 for i, f in enumerate(_params.DECODE_PARAMS.names)
-              if f not in _portable.DECODE_POINTERS and f != "pad0" and f != "scale_log2"}
-    block = _params.Block(_params.DECODE_PARAMS, _portable.DECODE_POINTERS, scale_log2=1.5, **static)
+              if f not in _params.DECODE_POINTERS and f != "pad0" and f != "scale_log2"}
+    block = _params.Block(_params.DECODE_PARAMS, _params.DECODE_POINTERS, scale_log2=1.5, **static)
     block.set(tuple(range(1000, 1010)))
     got = block.fields()
-    assert [got[f] for f in _portable.DECODE_POINTERS] == list(range(1000, 1010))
+    assert [got[f] for f in _params.DECODE_POINTERS] == list(range(1000, 1010))
     assert got["scale_log2"] == 1.5 and all(got[f] == v for f, v in static.items())
     meta = _params.Block(_params.METADATA_PARAMS, ("seqlens", "sched", "num_splits"), batch=3, num_sm_parts=4,
                          block_tokens=64, fixed_overhead=5)
