@@ -15,9 +15,9 @@
 //                (wgmma m64n256k16: its own half of P from registers, the other consumer's half
 //                from shared memory; V is read transposed from the same K tile).
 //                The next tile's S is issued right behind this P V, so the tensor cores run
-//                the two back to back; a KV stage is released once both are complete. Q's last
-//                three column chunks are held in registers (wgmma A fragments), so Q K^T reads
-//                A from shared memory for the other chunks only.
+//                the two back to back; a KV stage is released once its P V is complete. Q's
+//                last three column chunks are held in registers (wgmma A fragments), so Q K^T
+//                reads A from shared memory for the other chunks only.
 //   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
 //
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
@@ -85,9 +85,14 @@ MLA_DEVICE void setmaxnreg_dec() {
 // Shared-memory matrix descriptor, 128-byte swizzle. For K-major operands LBO is unused and SBO
 // is the distance between 8-row groups; for MN-major (transposed) operands LBO is the distance
 // between 64-element blocks along M/N and SBO the distance between 8-row groups along K.
+// The start address sits in the low 14 bits (in 16-byte units) and shared memory is below 256 KB,
+// so a descriptor moved by a multiple of 16 bytes is the descriptor plus bytes / 16 (no carry):
+// the kernel builds each base once and adds constants.
 MLA_DEVICE uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32) | (1ull << 62);
 }
+MLA_DEVICE uint64_t desc_add(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 MLA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 MLA_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -325,6 +330,12 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   const int g = lane >> 2, t4 = lane & 3;
   const int r0 = (warp & 3) * 16 + g;  // this thread's rows r0 and r0 + 8 of the tile
   const char* q_base = static_cast<const char*>(p.q);
+  // wgmma descriptor bases (stage 0): Q and this consumer's 32 K rows for S = Q K^T (K-major);
+  // P and this consumer's V columns, read transposed (MN-major), for O += P V.
+  const uint64_t q_desc = make_desc(sQ, 16, 1024);
+  const uint64_t k_desc0 = make_desc(sKV + cw * 32 * 128, 16, 1024);
+  const uint64_t p_desc = make_desc(sP, 16, 1024);
+  const uint64_t v_desc0 = make_desc(sKV + cw * T::V_CHUNKS * T::CHUNK_BYTES, T::CHUNK_BYTES, 1024);
 
   float o[128];
   int it = 0;
@@ -375,19 +386,21 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     for (int k = 0; k < 128; ++k) o[k] = 0.f;
 
     // S = Q K^T over this consumer's 32 tokens of the tile in stage `stage`, issued chunk by
-    // chunk as the chunks land (not waited for).
+    // chunk as the chunks land (not waited for). Waiting for the whole tile first instead
+    // costs a third more time even where memory bounds the kernel: the first chunks' wgmmas
+    // overlap the later chunks' loads.
     float s[16];
     auto issue_s = [&](int stage, uint32_t phase) {
-      const uint32_t sK = sKV + stage * T::STAGE_BYTES;
+      const uint64_t k_desc = desc_add(k_desc0, stage * T::STAGE_BYTES);
       wgmma_fence();
 #pragma unroll
       for (int c = 0; c < T::CHUNKS; ++c) {
         mbar_wait(full_bar(stage, c), phase);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          const uint64_t db = make_desc(sK + c * T::CHUNK_BYTES + cw * 32 * 128 + kk * 32, 16, 1024);
+          const uint64_t db = desc_add(k_desc, c * T::CHUNK_BYTES + kk * 32);
           if (c < T::Q_SMEM_CHUNKS) {
-            const uint64_t da = make_desc(sQ + c * (T::BM * 128) + kk * 32, 16, 1024);
+            const uint64_t da = desc_add(q_desc, c * (T::BM * 128) + kk * 32);
             wgmma_ss<32, kBf16>(s, da, db, (c | kk) != 0);
           } else {
             wgmma_rs<32, kBf16>(s, qa[c - T::Q_SMEM_CHUNKS][kk], db, 1);
@@ -404,13 +417,9 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
       const int stage = it % T::STAGES;
       const uint32_t sK = sKV + stage * T::STAGE_BYTES;
       const int t0 = tok_begin + tile * T::BN;
-      wgmma_wait<0>();  // S of this tile (and P V of the previous one) complete
+      wgmma_wait<0>();  // S of this tile complete (P V of the previous one was waited for)
       fence_regs<16>(s);
       fence_regs<128>(o);
-      if (tile > 0) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty_bar((it - 1) % T::STAGES));  // previous stage done
-      }
 
       // ---- rows past the request's end hold no data of it (stale or NaN): zero the V rows
       // this consumer multiplies, before P V reads them.
@@ -428,17 +437,26 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
       }
 
       // ---- mask, scale to log2 units, row maxima of both consumers ----------------------------
+      // Tiles whose every token is visible to both of this thread's rows skip the masking.
       float mx[2] = {neg_inf(), neg_inf()};
+      if (t0 + T::BN <= min(tok_end, min(vis_end[0], vis_end[1]))) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1;
-          const int tok = t0 + cw * 32 + j * 8 + 2 * t4 + (e & 1);
-          const bool ok = tok < tok_end && tok < vis_end[h];
-          s[j * 4 + e] = ok ? s[j * 4 + e] * p.scale_log2 : neg_inf();
-          mx[h] = fmaxf(mx[h], s[j * 4 + e]);
+        for (int k = 0; k < 16; ++k) {
+          s[k] *= p.scale_log2;
+          mx[(k >> 1) & 1] = fmaxf(mx[(k >> 1) & 1], s[k]);
         }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1;
+            const int tok = t0 + cw * 32 + j * 8 + 2 * t4 + (e & 1);
+            const bool ok = tok < tok_end && tok < vis_end[h];
+            s[j * 4 + e] = ok ? s[j * 4 + e] * p.scale_log2 : neg_inf();
+            mx[h] = fmaxf(mx[h], s[j * 4 + e]);
+          }
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -494,28 +512,31 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
       }
 
       // ---- O[:, 256 cw : 256 cw + 256] += P V -------------------------------------------------
-      const uint32_t sV = sK + cw * T::V_CHUNKS * T::CHUNK_BYTES;
+      const uint64_t v_desc = desc_add(v_desc0, stage * T::STAGE_BYTES);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk)  // own tokens, P from registers
-        wgmma_rs_tb<256, kBf16>(o, pa[kk], make_desc(sV + (cw * 32 + kk * 16) * 128, T::CHUNK_BYTES, 1024), 1);
+        wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc, (cw * 32 + kk * 16) * 128), 1);
       wgmma_commit();
       named_barrier(1, 256);  // the other consumer's half of P is in shared memory
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {  // the other consumer's tokens, P from shared memory
         const int k0 = (1 - cw) * 32 + kk * 16;
-        wgmma_ss_tb<256, kBf16>(o, make_desc(sP + k0 * 2, 16, 1024), make_desc(sV + k0 * 128, T::CHUNK_BYTES, 1024),
-                                1);
+        wgmma_ss_tb<256, kBf16>(o, desc_add(p_desc, k0 * 2), desc_add(v_desc, k0 * 128), 1);
       }
       wgmma_commit();
-      // The next tile's S goes into the tensor-core queue right behind this P V.
-      if (tile + 1 < n_tiles) issue_s((it + 1) % T::STAGES, ((it + 1) / T::STAGES) & 1);
-    }
-    if (n_tiles > 0) {
-      wgmma_wait<0>();
+      // The next tile's S goes into the tensor-core queue right behind this P V; this stage
+      // is released once P V is complete (S of the next tile may still be running).
+      const bool more = tile + 1 < n_tiles;
+      if (more) {
+        issue_s((it + 1) % T::STAGES, ((it + 1) / T::STAGES) & 1);
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
       fence_regs<128>(o);
       __syncwarp();
-      if (lane == 0) mbar_arrive(empty_bar((it - 1) % T::STAGES));
+      if (lane == 0) mbar_arrive(empty_bar(stage));
     }
 
     // ---- epilogue: row sums of both consumers, then this consumer's 256 columns --------------

@@ -595,7 +595,8 @@ def parse_args(argv=None):
                    help=f"our kernel paths to time, comma-separated, from {', '.join(KERNELS)} "
                         "(default %(default)s)")
     p.add_argument("--filter", metavar="TEXT", default=None,
-                   help="only configurations whose name contains TEXT")
+                   help="only configurations whose name contains TEXT (several texts "
+                        "separated by commas: any of them)")
     args = p.parse_args(argv)
     if args.iters is None:
         args.iters = QUICK_ITERS if args.quick else DEFAULT_ITERS
@@ -614,7 +615,8 @@ def select_configs(args):
     else:
         configs = sweep_configs(args.sweep)
     if args.filter:
-        configs = [c for c in configs if args.filter in c.name]
+        texts = [t for t in args.filter.split(",") if t]
+        configs = [c for c in configs if any(t in c.name for t in texts)]
     return configs
 
 

@@ -1,0 +1,42 @@
+"""The benchmark with the kernel sources taken from another folder: A/B runs of kernel versions.
+
+Usage: ``python scripts/ab_kernels.py DIR [benchmark options]``. DIR holds a full set of kernel
+sources (e.g. ``git show REV:kernels/decode_sm90.cuh`` beside copies of the others); the
+compile cache keys on the source hash, so versions never share a binary. Run it once per
+version, one after the other on the same machine, and compare each version's ratio to the peers, which the
+benchmark times in the same process. ``AB_SM90_PARTS_PER_SM=N`` makes the sm90 family ask the
+scheduler for N parts per SM (more parts than resident CTAs: the hardware hands the later ones
+to whichever SM frees first).
+"""
+
+import pathlib
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or not pathlib.Path(argv[0]).is_dir():
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    folder = pathlib.Path(argv[0]).resolve()
+    import dataclasses
+    import os
+
+    from mla_cupy import _compile, _sm90, bench
+
+    parts = int(os.environ.get("AB_SM90_PARTS_PER_SM", "0"))
+    if parts:
+        supports = _sm90.supports
+        _sm90.supports = lambda device, problem: (
+            None if (c := supports(device, problem)) is None else dataclasses.replace(c, ctas_per_sm=parts))
+        print(f"sm90 parts per SM: {parts}")
+
+    _compile._kernels_dir = lambda: folder
+    _compile.kernel_files.cache_clear()
+    _compile._source_text.cache_clear()
+    print(f"kernel sources: {folder}")
+    return bench.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
