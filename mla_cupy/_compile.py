@@ -16,6 +16,7 @@
   ``_combine``, ``_metadata``; ``_select`` picks one).
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -219,6 +220,7 @@ def device_arch(compute_capability):
 
 _CACHE_MAGIC = b"mla_cupy kernel cache 1\n"
 _unwritable = {}  # cache directories found unwritable -> the error (warned about once)
+_compiles = collections.Counter()  # module name -> NVRTC builds by build_cached in this process
 
 
 def cache_dir():
@@ -309,6 +311,7 @@ def build_cached(variant, arch, directory=None):
             logger.info("module %s (%s) loaded from the cache in %.3f s", variant.name, arch, time.perf_counter() - t0)
             return CachedBuild(image, lowered, path, True)
     build = _nvrtc_build(variant, arch)
+    _compiles[variant.name] += 1
     logger.info("module %s compiled for %s in %.2f s", variant.name, arch, time.perf_counter() - t0)
     try:
         _write_entry(directory, path, key, arch, build)

@@ -7,7 +7,9 @@ call signature and kept in a plan. No host sync on the decode path unless ``vali
 decode step can be captured in a CUDA graph.
 """
 
+import collections
 import logging
+import threading
 import time
 
 import numpy as np
@@ -86,11 +88,11 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     return ctx.export(sched), ctx.export(num_splits)
 
 
-_metadata_parts = {}  # validated get_mla_metadata signatures -> num_sm_parts
+_metadata_parts = collections.OrderedDict()  # validated get_mla_metadata signatures -> num_sm_parts
 # Fast-path keys (``_interop.signature`` and the scalars) of signatures that have passed the full
 # path -> _FastMetadata / _FastDecode.
-_fast_metadata = {}
-_fast_plans = {}
+_fast_metadata = collections.OrderedDict()
+_fast_plans = collections.OrderedDict()
 
 
 class _FastMetadata:
@@ -139,7 +141,7 @@ class _FastDecode:
         else:
             lse_ptr = pointers[7]
         plan = self.plan
-        o_accum, lse_accum = _workspace(self.device_id, stream, plan.ws_rows, plan.ws_cols)
+        o_accum, lse_accum, _held = _workspace(self.device_id, stream, plan.ws_rows, plan.ws_cols)
         self.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)
         return out, lse
 
@@ -236,24 +238,41 @@ def _array_key(x):
 
 
 # Validated call signatures (see _array_key) -> their launch plan; checks run once per signature.
-_plans = {}
+_plans = collections.OrderedDict()
+# Entries each of the four signature caches (_plans, _metadata_parts, _fast_plans,
+# _fast_metadata) keeps; past it the least recently used one is dropped (and rebuilt, checks
+# included, if its signature comes back).
 _MAX_PLANS = 256
 
 
 def _cached(cache, key):
+    """The entry of `key` in `cache` (an OrderedDict kept in order of use), marked as the most
+    recently used one; None when there is none."""
     try:
-        return cache.get(key)
+        value = cache.get(key)
     except TypeError:  # an unhashable argument: let the validators name it
         return None
+    if value is not None:
+        try:
+            cache.move_to_end(key)
+        except KeyError:  # dropped by another thread in between
+            pass
+    return value
 
 
 def _remember(cache, key, value):
+    """Store `value` under `key` as the most recently used entry, dropping the least recently
+    used ones past _MAX_PLANS."""
     try:
-        if len(cache) >= _MAX_PLANS:
-            cache.clear()
         cache[key] = value
-    except TypeError:
-        pass
+        cache.move_to_end(key)
+    except (TypeError, KeyError):
+        return
+    while len(cache) > _MAX_PLANS:
+        try:
+            cache.popitem(last=False)
+        except KeyError:  # emptied by another thread
+            break
 
 
 class _DecodePlan:
@@ -275,7 +294,7 @@ class _DecodePlan:
         out_a = a["out"] if a["out"] is not None else cupy.empty(self.out_shape, dtype=self.dtype)
         lse_a = a["lse"] if a["lse"] is not None else cupy.empty(self.lse_shape, dtype=np.float32)
         stream = ctx.stream.ptr
-        o_accum, lse_accum = _workspace(ctx.device_id, stream, self.ws_rows, self.ws_cols)
+        o_accum, lse_accum, _held = _workspace(ctx.device_id, stream, self.ws_rows, self.ws_cols)
         self.launch.launch(stream, _params.input_pointers(a), out_a.data.ptr, lse_a.data.ptr, o_accum, lse_accum)
         return out_a, lse_a
 
@@ -312,33 +331,121 @@ def _import(named, stream):
     return _interop.import_arrays(named, stream)
 
 
-# One fp32 split workspace per (device, stream), grown on demand and reused by later calls on
-# that stream (stream order makes the reuse safe). A buffer that is outgrown is kept alive, not
-# freed, so a CUDA graph captured with it stays valid.
-_workspaces = {}  # (device, stream) -> (buffer, {(rows, dv): (o_accum ptr, lse_accum ptr)})
-_retired = []
+# The split-KV workspace: one fp32 buffer per (device, stream), grown on demand and shared by the
+# calls on that stream (stream order makes the sharing safe).
+#
+# What is kept: a buffer that is outgrown is dropped, and CuPy's pool takes its memory back (the
+# pool reuses memory only for allocations on the stream it was allocated for, which _allocate
+# makes the workspace's own stream, so work still queued there cannot see it reused), unless a
+# CUDA graph may use it: a buffer handed out while its stream was capturing, or outgrown during
+# a capture, is kept for the life of the process (_retired), since the graph can be replayed at
+# any time. At most _MAX_WORKSPACES streams keep a buffer; past that, the least recently grown
+# one no capture has seen is dropped (a later call on its stream allocates a new one).
+
+
+class _Workspace:
+    """One stream's buffer: its address, its size in fp32 elements, and whether it was handed
+    out while the stream was capturing a CUDA graph."""
+
+    __slots__ = ("buffer", "base", "size", "captured")
+
+    def __init__(self, buffer):
+        self.buffer, self.base, self.size, self.captured = buffer, buffer.data.ptr, buffer.size, False
+
+
+_workspaces = {}  # (device, stream) -> _Workspace, least recently grown first
+_retired = []  # outgrown buffers a CUDA graph may use
+_MAX_WORKSPACES = 64
+_workspace_lock = threading.Lock()
 
 
 def _workspace(device_id, stream, rows, dv):
     """Device pointers of o_accum [rows, dv] and lse_accum [rows] (fp32) for stream `stream` (an
-    address) of device `device_id`, the current device."""
-    key = (device_id, stream)
-    entry = _workspaces.get(key)
-    if entry is not None:
-        ptrs = entry[1].get((rows, dv))
-        if ptrs is not None:
-            return ptrs
-    need = rows * (dv + 1)
-    if entry is None or entry[0].size < need:
-        import cupy
+    address) of device `device_id`, the current device, and the buffer holding them: the caller
+    keeps it until its kernels are queued, in case another thread drops the buffer meanwhile."""
+    ws = _workspaces.get((device_id, stream))
+    if ws is None or ws.size < rows * (dv + 1):
+        ws = _grow(device_id, stream, rows * (dv + 1))
+    if not ws.captured and _capturing(stream):
+        ws.captured = True
+        if _workspaces.get((device_id, stream)) is not ws:  # dropped by another thread meanwhile
+            _retire(ws.buffer)
+    return ws.base, ws.base + rows * dv * 4, ws.buffer
 
-        if entry is not None:
-            _retired.append(entry[0])
-        entry = (cupy.empty((need + need // 2,), dtype=np.float32), {})
-        _workspaces[key] = entry
-    base = entry[0].data.ptr
-    ptrs = entry[1][(rows, dv)] = (base, base + rows * dv * 4)
-    return ptrs
+
+def _grow(device_id, stream, need):
+    """A buffer of at least `need` elements for (device_id, stream), replacing the stream's
+    smaller one (see above for what happens to that one)."""
+    key = (device_id, stream)
+    with _workspace_lock:
+        old = _workspaces.get(key)
+        if old is not None and old.size >= need:  # grown by another thread meanwhile
+            return old
+        capturing = _capturing(stream)
+        _drop(key, keep=capturing)  # first, so that the pool may reuse its memory right away
+        excess = len(_workspaces) + 1 - _MAX_WORKSPACES
+        if excess > 0 and not capturing:  # a capture must not free memory (no pool: a cudaFree)
+            for other in [k for k, w in _workspaces.items() if not w.captured][:excess]:
+                _drop(other, keep=False)
+        ws = _Workspace(_allocate(device_id, stream, need + need // 2))
+        ws.captured = capturing
+        _workspaces[key] = ws
+        return ws
+
+
+def _drop(key, keep):
+    """Take `key`'s workspace out; its buffer is freed unless `keep` or a capture has seen it."""
+    ws = _workspaces.pop(key, None)
+    if ws is not None and (keep or ws.captured):  # .captured read after the pop (see _workspace)
+        _retire(ws.buffer)
+
+
+def _retire(buffer):
+    if not any(b is buffer for b in _retired):
+        _retired.append(buffer)
+
+
+def _allocate(device_id, stream, n):
+    """A new fp32 CuPy array of `n` elements on device `device_id` (the current one), allocated
+    with stream `stream` current, so that CuPy's pool reuses its memory, once it is dropped,
+    only for that stream's allocations."""
+    import cupy
+
+    current = cupy.cuda.get_current_stream(device_id)
+    if current.ptr == stream:
+        return cupy.empty((n,), dtype=np.float32)
+    cupy.cuda.ExternalStream(stream, device_id).use()
+    try:
+        return cupy.empty((n,), dtype=np.float32)
+    finally:
+        current.use()
+
+
+def _capturing(stream):
+    """Whether stream `stream` (an address) is capturing a CUDA graph; True where CUDA cannot
+    tell (the legacy default stream while another stream captures): the safe answer here."""
+    try:
+        return bool((_is_capturing or _load_is_capturing())(stream))
+    except Exception:  # noqa: BLE001 - cudaErrorStreamCaptureImplicit and the like
+        return True
+
+
+def _load_is_capturing():
+    global _is_capturing
+    import cupy
+
+    _is_capturing = cupy.cuda.runtime.streamIsCapturing
+    return _is_capturing
+
+
+_is_capturing = None  # cupy.cuda.runtime.streamIsCapturing once CuPy is imported
+
+
+def _workspace_bytes():
+    """(streams with a workspace, bytes of their buffers, bytes of the retired buffers kept for
+    CUDA graphs): what the split-KV workspace holds now."""
+    held = list(_workspaces.values())
+    return len(held), sum(w.buffer.nbytes for w in held), sum(b.nbytes for b in list(_retired))
 
 
 def warmup(head_dims=None, dtypes=None, num_q_tokens_per_head_k=None, device=None):

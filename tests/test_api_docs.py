@@ -1,6 +1,8 @@
 """docs/api.md documents the whole public surface: every name in mla_cupy.__all__, the public
-names of mla_cupy.reference and mla_cupy.testing, and every MLA_CUPY_* variable _env.py reads."""
+names of mla_cupy.reference, mla_cupy.testing, mla_cupy.selftest and mla_cupy.torch_ops, and
+every MLA_CUPY_* variable _env.py reads."""
 
+import ast
 import pathlib
 import re
 
@@ -48,3 +50,23 @@ def test_every_environment_variable_is_documented():
     assert read, "expected _env.py to read MLA_CUPY_* variables"
     missing = [name for name in read if f"`{name}`" not in API]
     assert not missing, f"docs/api.md does not document {missing}"
+
+
+def _declared_all(module_name):
+    """A module's ``__all__``, read from its source (mla_cupy.torch_ops cannot be imported
+    without torch)."""
+    path = ROOT / "mla_cupy" / f"{module_name.split('.')[-1]}.py"
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path} declares no __all__")
+
+
+@pytest.mark.parametrize("module_name", ["mla_cupy.selftest", "mla_cupy.torch_ops"])
+def test_selftest_and_torch_ops_are_documented(module_name):
+    assert module_name in headings()
+    names = _declared_all(module_name)
+    assert names
+    missing = [name for name in names
+               if f"`{name}`" not in API and f".{name}(" not in API and f".{name}`" not in API]
+    assert not missing, f"docs/api.md does not document {module_name}: {missing}"

@@ -138,14 +138,17 @@ def test_cache_dir_takes_effect_and_a_second_build_is_a_hit(tmp_path, monkeypatc
     monkeypatch.setattr(_compile, "CONFIG", dataclasses.replace(_compile.CONFIG, cache_dir=str(tmp_path / "cache")))
     calls = _count_nvrtc_builds(monkeypatch)
     variant = _metadata.variant()
+    compiled = _compile._compiles[variant.name]  # the count tests/test_concurrency_gpu.py reads
     first = _compile.build_cached(variant, "sm_80")
     assert not first.hit and calls == [variant.name]
+    assert _compile._compiles[variant.name] == compiled + 1
     assert first.path is not None and first.path.startswith(str(tmp_path / "cache"))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [pathlib.Path(first.path).name]
     assert first.image[:4] == b"\x7fELF"
     assert set(first.lowered_names) == set(variant.name_expressions)
     second = _compile.build_cached(variant, "sm_80")
     assert second.hit and calls == [variant.name]  # no NVRTC run
+    assert _compile._compiles[variant.name] == compiled + 1
     assert (second.image, second.lowered_names, second.path) == (first.image, first.lowered_names, first.path)
     # Another arch is another entry.
     other = _compile.build_cached(variant, "sm_90a")
