@@ -1,7 +1,8 @@
 """ptxas' resource report (registers, spills, shared memory) of each sm90 decode variant.
 
 Usage: ``python scripts/ptxas_report.py [substring]``: compiles every sm90 decode variant whose
-name holds the substring (all by default) for sm_90a, offline, and prints the report lines (and any wgmma waits ptxas had to inject).
+name holds the substring (all by default) for sm_90a, offline, and prints the report lines,
+with any wgmma waits ptxas had to inject and any wgmma serialization it reports.
 """
 
 import sys
@@ -16,7 +17,7 @@ def main(argv=None):
         if pick not in variant.name:
             continue
         log = _compile.compile_offline(variant, "sm_90a").log
-        keep = ("registers", "spill", "injected")
+        keep = ("registers", "spill", "injected", "serialized")
         lines = [ln.strip() for ln in log.splitlines() if any(k in ln for k in keep)]
         print(variant.name)
         for ln in lines:

@@ -42,6 +42,9 @@ def test_variant_compiles(variant, arch):
     assert frames, build.log
     for frame, stores, loads in frames:
         assert (int(frame), int(stores), int(loads)) == (0, 0, 0), build.log
+    # Nor may ptxas serialize wgmma (C7513-C7515: registers of an in-flight wgmma touched by
+    # other instructions): the kernel would still be right, but its overlap would be gone.
+    assert "wgmma.mma_async instructions are serialized" not in build.log, build.log
 
 
 def test_decode_config_fits_shared_memory():
