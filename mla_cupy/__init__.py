@@ -3,7 +3,7 @@
 import logging
 
 from ._env import CONFIG as _CONFIG
-from ._errors import CompileDisabledError, CompileError, UnsupportedDeviceError
+from ._errors import CompileDisabledError, CompileError, UnsupportedDeviceError, WorkspaceOutOfMemoryError
 from ._version import __version__
 from .interface import flash_mla_with_kvcache, get_mla_metadata, show_config, warmup
 
@@ -12,4 +12,4 @@ if _CONFIG.log_level != "WARNING":
     logging.getLogger("mla_cupy").setLevel(_CONFIG.log_level)
 
 __all__ = ["get_mla_metadata", "flash_mla_with_kvcache", "warmup", "show_config", "__version__",
-           "UnsupportedDeviceError", "CompileError", "CompileDisabledError"]
+           "UnsupportedDeviceError", "CompileError", "CompileDisabledError", "WorkspaceOutOfMemoryError"]

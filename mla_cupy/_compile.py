@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import importlib.resources
 import json
 import logging
@@ -33,7 +34,7 @@ import warnings
 
 from . import _params
 from ._env import CONFIG
-from ._errors import CompileDisabledError, CompileError
+from ._errors import CompileDisabledError, CompileError, no_gpu_error, nvrtc_missing_error
 from ._version import __version__
 
 logger = logging.getLogger("mla_cupy")
@@ -161,9 +162,25 @@ def build_options(variant, arch):
     return (f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *variant.options, "--ptxas-options=--verbose")
 
 
-def _nvrtc_build(variant, arch, extra_options=()):
-    from cupy_backends.cuda.libs import nvrtc
+def _nvrtc():
+    """CuPy's NVRTC bindings, with the NVRTC library loaded. CuPy loads the library on first
+    use, so a missing one shows here, as UnsupportedDeviceError saying what installs it, not as
+    a loader error from deep inside the first compile; a missing CuPy gives the library's no-CuPy
+    error."""
+    try:
+        importlib.import_module("cupy")  # first, so that a missing CuPy reads as it does elsewhere
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError as exc:
+        raise no_gpu_error(exc) from None
+    try:
+        nvrtc.getVersion()
+    except Exception as exc:  # noqa: BLE001 - whatever CuPy raises when the library is not found
+        raise nvrtc_missing_error(exc) from None
+    return nvrtc
 
+
+def _nvrtc_build(variant, arch, extra_options=()):
+    nvrtc = _nvrtc()
     prog = nvrtc.createProgram(variant.source(), f"{variant.name}.cu", [], [])
     try:
         for expr in variant.name_expressions:
@@ -193,17 +210,14 @@ def compile_offline(variant, arch=None, extra_options=()):
 
 @functools.cache
 def nvrtc_version():
-    from cupy_backends.cuda.libs import nvrtc
-
-    return tuple(nvrtc.getVersion())
+    return tuple(_nvrtc().getVersion())
 
 
 @functools.cache
 def device_arch(compute_capability):
     """NVRTC target for portable code on a device of this compute capability (e.g. 90): its own
     ``sm_XY``, or PTX for the newest arch NVRTC knows when the device is newer than NVRTC."""
-    from cupy_backends.cuda.libs import nvrtc
-
+    nvrtc = _nvrtc()
     try:
         known = tuple(nvrtc.getSupportedArchs())
     except Exception:  # noqa: BLE001 - an NVRTC without the query: assume it knows the device
@@ -399,8 +413,7 @@ def probe_param_offsets(arch="compute_80"):
     """
     import re
 
-    from cupy_backends.cuda.libs import nvrtc
-
+    nvrtc = _nvrtc()
     src = "".join(text for _, text in _sources(COMMON_FILES))
     src += _params.offset_probe_source()
     prog = nvrtc.createProgram(src, "params_probe.cu", [], [])

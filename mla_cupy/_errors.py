@@ -18,10 +18,27 @@ class CompileDisabledError(RuntimeError):
     """A kernel had to be compiled while MLA_CUPY_NO_COMPILE=1 forbids it (see warmup())."""
 
 
+class WorkspaceOutOfMemoryError(MemoryError, RuntimeError):
+    """The GPU has no memory left for the split-KV workspace a decode call needs.
+
+    A ``MemoryError`` (as CuPy's own out-of-memory error is) and a ``RuntimeError`` (as every
+    mla_cupy error is). ``nbytes``: the bytes the call needed; ``device``: the CUDA device id.
+    Nothing was launched, and the library stays usable: a later call that needs less runs.
+    """
+
+    def __init__(self, message, nbytes=0, device=None):
+        super().__init__(message)
+        self.nbytes, self.device = nbytes, device
+
+
 # How to get CuPy and NVRTC, for messages: the extras are declared in pyproject.toml, and the
 # package is installed from a clone (it is not on a package index).
 INSTALL_HINT = ('from the repository root, pip install ".[cuda12]" (".[cuda13]" with a CUDA 13 '
                 'driver), or pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12')
+
+# How to get NVRTC alone (CuPy there, its runtime compiler library not found).
+NVRTC_INSTALL_HINT = ('from the repository root, pip install ".[cuda12]" (".[cuda13]" with a CUDA 13 '
+                      'driver), or pip install nvidia-cuda-nvrtc-cu12 (nvidia-cuda-nvrtc for CUDA 13)')
 
 _CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: also what CUDA says with no driver
 _CUDA_ERROR_NO_DEVICE = 100  # cudaErrorNoDevice
@@ -78,3 +95,16 @@ def no_gpu_error(exc=None):
     """:class:`UnsupportedDeviceError` with :func:`no_gpu_reason`'s message (raise it ``from
     None``: the message already holds the underlying error)."""
     return UnsupportedDeviceError(no_gpu_reason(exc))
+
+
+def nvrtc_missing_reason(exc):
+    """One line saying that NVRTC, the CUDA runtime compiler CuPy loads on first use, cannot be
+    loaded, what installs it, and the underlying error (in parentheses, on one line)."""
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return (f"mla_cupy compiles its kernels at run time with NVRTC, which cannot be loaded ({cause}); "
+            f"to install it: {NVRTC_INSTALL_HINT}")
+
+
+def nvrtc_missing_error(exc):
+    """:class:`UnsupportedDeviceError` with :func:`nvrtc_missing_reason`'s message."""
+    return UnsupportedDeviceError(nvrtc_missing_reason(exc))

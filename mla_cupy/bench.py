@@ -1,5 +1,7 @@
 """Decode benchmark: ``python -m mla_cupy.bench [--quick] [--sweep standard|extra|all]
-[--kernels auto,portable,sm90] [--json PATH] [--iters N] [--peer PATH] [--no-flashinfer]``.
+[--kernels auto,portable,sm90] [--json PATH] [--plot PNG] [--iters N] [--peer PATH]
+[--no-flashinfer]``, or ``python -m mla_cupy.bench --from-json PATH [--plot PNG]`` to show (and
+plot) the results of an earlier run without a GPU.
 
 Times ``flash_mla_with_kvcache`` over the standard sweep (b = 128 at 4K tokens, uniform and
 variable lengths, s_q 1 and 2, h_q 16 to 128; b = 1 and 8 at 64K; b = 1 at 1M tokens; h_kv 1,
@@ -30,10 +32,11 @@ Method
 * Ratio = best peer's time / ours (above 1: mla_cupy faster); the target is our time at most
   0.95 of the best peer's.
 
-Only the standard library and NumPy are imported at module level: the sweep, the formulas and
-the formatting are plain functions that run (and are tested) without a GPU. CuPy is imported
-when the benchmark runs; PyTorch only when a peer is used. Without CuPy or a usable GPU it
-prints one line saying why and exits with status 2.
+Only the standard library and NumPy are imported at module level: the sweep, the formulas, the
+formatting, reading JSON lines back and the plot are plain functions that run (and are tested)
+without a GPU. CuPy is imported when the benchmark runs; PyTorch only when a peer is used;
+matplotlib only for ``--plot`` (the ``plot`` extra), and its absence is reported before anything
+runs. Without CuPy or a usable GPU it prints one line saying why and exits with status 2.
 """
 
 import argparse
@@ -552,6 +555,177 @@ LEGEND = (
 )
 
 
+def read_json_lines(path):
+    """(header, records) from a JSON lines file written by ``--json``: the last header line (None
+    when there is none) and every result line, in order. ValueError names the file and line of
+    anything that is not one JSON object per line."""
+    header, records = None, []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got "
+                                 f"{type(item).__name__}")
+            if item.get("kind") == "header":
+                header = item
+            elif item.get("kind") == "result":
+                records.append(item)
+    return header, records
+
+
+def filter_records(records, text):
+    """The records whose config name contains any of the comma-separated texts (``--filter``)."""
+    texts = [t for t in (text or "").split(",") if t]
+    if not texts:
+        return list(records)
+    return [r for r in records if any(t in (r.get("config") or "") for t in texts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot (matplotlib, the ``plot`` extra, imported only here)
+# ---------------------------------------------------------------------------------------------
+
+PLOT_EXTRA_HINT = ('from the repository root, pip install ".[plot]", or pip install matplotlib')
+
+
+def plot_unavailable():
+    """None when matplotlib can be imported, else one line saying what ``--plot`` needs."""
+    import importlib
+
+    try:
+        importlib.import_module("matplotlib.figure")
+    except ImportError as exc:
+        return (f"--plot needs matplotlib, which cannot be imported ({type(exc).__name__}: "
+                f"{exc}); to install it (the plot extra): {PLOT_EXTRA_HINT}")
+    return None
+
+
+# Colours of the bars: ours (one shade per kernel kind), then each peer.
+_OURS_COLOURS = ("#1f5fa8", "#6a9fd8", "#a9c8ec")
+_PEER_COLOURS = {"FlashMLA": "#d9822b", "FlashInfer": "#4c9a4c"}
+_PEER_KEYS = (("FlashMLA", "peer_us"), ("FlashInfer", "fi_us"))
+
+
+def plot_series(records):
+    """What the plot shows, as plain data: (configs in order, {label: [µs or None per
+    config]}, {label: [peer µs / our µs or None per config]}). Ours is one series per kernel
+    kind ('mla_cupy', or 'mla_cupy (portable)' when several kinds were timed); each peer that
+    ran on any configuration is one series; each ratio pairs a peer with one of our kinds."""
+    configs, kinds = [], []
+    by_key = {}
+    for rec in records:
+        cfg, kind = rec.get("config"), rec.get("kernel") or "auto"
+        if cfg not in configs:
+            configs.append(cfg)
+        if kind not in kinds:
+            kinds.append(kind)
+        by_key[(cfg, kind)] = rec
+
+    def ours_label(kind):
+        return "mla_cupy" if kinds == ["auto"] else f"mla_cupy ({kind})"
+
+    def peer_us(cfg, key):  # the same for every kind of a configuration: take any that has it
+        for kind in kinds:
+            rec = by_key.get((cfg, kind))
+            if rec is not None and rec.get(key):
+                return rec[key]
+        return None
+
+    times = {}
+    for kind in kinds:
+        times[ours_label(kind)] = [(by_key.get((c, kind)) or {}).get("us") or None
+                                   for c in configs]
+    peers = [(name, key) for name, key in _PEER_KEYS if any(peer_us(c, key) for c in configs)]
+    for name, key in peers:
+        times[name] = [peer_us(c, key) for c in configs]
+    ratios = {}
+    for name, _key in peers:
+        for kind in kinds:
+            ours = times[ours_label(kind)]
+            label = f"{name} / {ours_label(kind)}"
+            ratios[label] = [speed_ratio(p, o) for p, o in zip(times[name], ours)]
+    return configs, times, ratios
+
+
+def plot_results(records, path, header=None, target_fraction=TARGET_FRACTION):
+    """Write a PNG to ``path``: per configuration, the GPU time of mla_cupy and of each peer
+    (grouped bars, µs, log scale) and, when a peer ran, the speed ratio peer µs / our µs
+    (above 1: mla_cupy faster) against parity and the target line at 1 / ``target_fraction``.
+    Needs matplotlib (ImportError otherwise); no GPU."""
+    from matplotlib import ticker
+    from matplotlib.figure import Figure
+
+    configs, times, ratios = plot_series(records)
+    if not configs:
+        raise ValueError("no results to plot")
+    n = len(configs)
+    panels = 2 if ratios else 1
+    width = max(8.0, 0.55 * n + 2.5)
+    fig = Figure(figsize=(width, 4.2 * panels + 1.0), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    xs = np.arange(n)
+
+    def bars(ax, series, colours):
+        k = max(len(series), 1)
+        step = 0.8 / k
+        for i, (label, values) in enumerate(series.items()):
+            ys = [np.nan if v is None else v for v in values]
+            ax.bar(xs - 0.4 + step * (i + 0.5), ys, step, label=label, color=colours[i])
+
+    ours_labels = [label for label in times if label.startswith("mla_cupy")]
+    colours = [_OURS_COLOURS[i % len(_OURS_COLOURS)] for i in range(len(ours_labels))]
+    colours += [_PEER_COLOURS[label] for label in times if not label.startswith("mla_cupy")]
+    ax = axes[0]
+    bars(ax, times, colours)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_ylabel("GPU time per call (µs, log scale)")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+
+    if ratios:
+        ax = axes[1]
+        ratio_colours = []
+        for label in ratios:
+            peer = label.split(" / ")[0]
+            ratio_colours.append(_PEER_COLOURS[peer])
+        bars(ax, ratios, ratio_colours)
+        ax.axhline(1.0, color="grey", linewidth=1, label="parity")
+        ax.axhline(1.0 / target_fraction, color="crimson", linestyle="--", linewidth=1.2,
+                   label=f"target: ours <= {target_fraction:g} x the faster peer, "
+                         f"ratio >= {1.0 / target_fraction:.3f} for every peer")
+        ax.set_ylabel("peer µs / mla_cupy µs (> 1: mla_cupy faster)")
+        values = [v for vs in ratios.values() for v in vs if v]
+        low = min(values + [1.0]) * 0.9
+        high = max(values + [1.0 / target_fraction]) * 1.05
+        ax.set_ylim(max(0.0, low), high)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+
+    axes[-1].set_xticks(xs)
+    axes[-1].set_xticklabels(configs, rotation=45, ha="right", fontsize="small")
+    title = "mla_cupy decode"
+    if any(not label.startswith("mla_cupy") for label in times):
+        title += " against " + " and ".join(label for label in times
+                                            if not label.startswith("mla_cupy"))
+    if header:
+        where = header.get("gpu") or "?"
+        date = (header.get("date") or "")[:10]
+        title += f" — {where}" + (f", {date}" if date else "")
+    fig.suptitle(title)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110)
+    return path
+
+
 def parse_kernels(text):
     """'sm90,portable' -> ['sm90', 'portable'] (order kept, duplicates dropped); ValueError on an
     unknown kind."""
@@ -597,6 +771,14 @@ def parse_args(argv=None):
     p.add_argument("--filter", metavar="TEXT", default=None,
                    help="only configurations whose name contains TEXT (several texts "
                         "separated by commas: any of them)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="after the run, write a PNG: per configuration, our time against each "
+                        "peer's and the speed ratios with the target line (needs matplotlib, "
+                        "the plot extra)")
+    p.add_argument("--from-json", metavar="PATH", default=None,
+                   help="run nothing: read the results of an earlier run from the JSON lines "
+                        "PATH (written by --json), print their table and, with --plot, plot "
+                        "them; needs no GPU (--filter applies)")
     args = p.parse_args(argv)
     if args.iters is None:
         args.iters = QUICK_ITERS if args.quick else DEFAULT_ITERS
@@ -1330,19 +1512,67 @@ def _run_on_stream(cp, args, emit, stream, write_json):
     return header, records
 
 
+def show_json(args, emit=print):
+    """``--from-json``: the table (and with ``--plot`` the plot) of an earlier run's JSON lines;
+    returns the exit status."""
+    try:
+        header, records = read_json_lines(args.from_json)
+    except (OSError, ValueError) as exc:
+        print(f"python -m mla_cupy.bench: --from-json: {short_error(exc, 300)}", file=sys.stderr,
+              flush=True)
+        return 2
+    records = filter_records(records, args.filter)
+    if not records:
+        print(f"python -m mla_cupy.bench: --from-json: no results in {args.from_json}"
+              + (f" matching --filter {args.filter!r}" if args.filter else ""),
+              file=sys.stderr, flush=True)
+        return 2
+    if header is not None:
+        for line in format_env(header):
+            emit(line)
+        emit("")
+    for line in format_table(records):
+        emit(line)
+    if args.plot:
+        plot_results(records, args.plot, header)
+        emit(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:  # the table uses 'µ' and 'Δ'; never die on a terminal that cannot show them
         sys.stdout.reconfigure(errors="replace")
     except (AttributeError, ValueError):
         pass
+    emit = lambda line: print(line, flush=True)  # noqa: E731
+    if args.plot:  # before anything runs: a missing matplotlib must not cost a whole sweep
+        problem = plot_unavailable()
+        if problem is None:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+            except OSError as exc:
+                problem = f"--plot {args.plot}: {short_error(exc)}"
+        if problem:
+            print(f"python -m mla_cupy.bench: {problem}", file=sys.stderr, flush=True)
+            return 2
+    if args.from_json:
+        return show_json(args, emit)
     from mla_cupy.testing import gpu_status
 
     ok, reason = gpu_status()
     if not ok:  # one line, no traceback: nothing here can run without CuPy and a GPU
         print(f"python -m mla_cupy.bench: cannot run: {reason}", file=sys.stderr, flush=True)
         return 2
-    run(args, emit=lambda line: print(line, flush=True))
+    header, records = run(args, emit=emit)
+    if args.plot:
+        try:
+            plot_results(records, args.plot, header)
+        except Exception as exc:  # the run's table is out already: say why there is no plot
+            print(f"python -m mla_cupy.bench: --plot {args.plot}: {short_error(exc, 300)}",
+                  file=sys.stderr, flush=True)
+            return 1
+        emit(f"plot: {args.plot}")
     return 0
 
 

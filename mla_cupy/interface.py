@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from . import _compile, _launch, _metadata, _params, _select, _validate
-from ._errors import UnsupportedDeviceError, no_gpu_error, no_gpu_reason
+from ._errors import (UnsupportedDeviceError, WorkspaceOutOfMemoryError, no_gpu_error, no_gpu_reason,
+                      nvrtc_missing_reason)
 from .support import MIN_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("mla_cupy")
@@ -341,6 +342,12 @@ def _import(named, stream):
 # a capture, is kept for the life of the process (_retired), since the graph can be replayed at
 # any time. At most _MAX_WORKSPACES streams keep a buffer; past that, the least recently grown
 # one no capture has seen is dropped (a later call on its stream allocates a new one).
+#
+# Out of memory: a new buffer is asked for with half again the size needed (so that slowly
+# growing shapes do not reallocate every call), then, failing that, with exactly the size
+# needed; failing that too, WorkspaceOutOfMemoryError. The stream's previous buffer is out of
+# _workspaces by then (its memory back in the pool, or kept for a graph), so a later, smaller
+# call simply allocates again: nothing is left half done.
 
 
 class _Workspace:
@@ -365,7 +372,10 @@ def _workspace(device_id, stream, rows, dv):
     keeps it until its kernels are queued, in case another thread drops the buffer meanwhile."""
     ws = _workspaces.get((device_id, stream))
     if ws is None or ws.size < rows * (dv + 1):
-        ws = _grow(device_id, stream, rows * (dv + 1))
+        try:
+            ws = _grow(device_id, stream, rows * (dv + 1))
+        except MemoryError as exc:
+            raise _out_of_memory(device_id, rows, dv, exc) from exc
     if not ws.captured and _capturing(stream):
         ws.captured = True
         if _workspaces.get((device_id, stream)) is not ws:  # dropped by another thread meanwhile
@@ -387,7 +397,13 @@ def _grow(device_id, stream, need):
         if excess > 0 and not capturing:  # a capture must not free memory (no pool: a cudaFree)
             for other in [k for k, w in _workspaces.items() if not w.captured][:excess]:
                 _drop(other, keep=False)
-        ws = _Workspace(_allocate(device_id, stream, need + need // 2))
+        try:
+            buffer = _allocate(device_id, stream, need + need // 2)
+        except MemoryError:
+            buffer = None
+        if buffer is None:  # outside the except clause, so that a second failure is not chained to it
+            buffer = _allocate(device_id, stream, need)
+        ws = _Workspace(buffer)
         ws.captured = capturing
         _workspaces[key] = ws
         return ws
@@ -398,6 +414,20 @@ def _drop(key, keep):
     ws = _workspaces.pop(key, None)
     if ws is not None and (keep or ws.captured):  # .captured read after the pop (see _workspace)
         _retire(ws.buffer)
+
+
+def _out_of_memory(device_id, rows, dv, exc):
+    """WorkspaceOutOfMemoryError for a workspace of `rows` rows of `dv` + 1 fp32 values that could
+    not be allocated (`exc`: the allocator's MemoryError)."""
+    nbytes = rows * (dv + 1) * 4
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return WorkspaceOutOfMemoryError(
+        f"out of GPU memory for mla_cupy's split-KV workspace: {nbytes:,} bytes on device {device_id} "
+        f"({rows:,} rows of {dv + 1} fp32 partial results: (batch + schedule rows) x s_q x h_q, "
+        f"{dv} values and a log-sum-exp each) ({cause}); free GPU memory held elsewhere (other "
+        "arrays; memory cached by another framework's allocator, e.g. torch.cuda.empty_cache()) or "
+        "decode the batch in smaller calls; nothing was launched and later calls that fit will run",
+        nbytes=nbytes, device=device_id)
 
 
 def _retire(buffer):
@@ -517,7 +547,7 @@ def show_config(file=None):
             major, minor = nvrtc.getVersion()
             lines.append(f"NVRTC {major}.{minor}")
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
-            lines.append(f"NVRTC unavailable: {exc}")
+            lines.append(nvrtc_missing_reason(exc))
         try:
             drv = cupy.cuda.runtime.driverGetVersion()  # 0 without a driver
             rt = cupy.cuda.runtime.runtimeGetVersion()

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_public_names():
     assert sorted(mla_cupy.__all__) == sorted(
         ["get_mla_metadata", "flash_mla_with_kvcache", "warmup", "show_config", "__version__",
-         "UnsupportedDeviceError", "CompileError", "CompileDisabledError"])
+         "UnsupportedDeviceError", "CompileError", "CompileDisabledError",
+         "WorkspaceOutOfMemoryError"])
     for name in mla_cupy.__all__:
         assert getattr(mla_cupy, name) is not None
 
@@ -28,6 +29,8 @@ def test_public_exceptions():
     assert issubclass(mla_cupy.UnsupportedDeviceError, RuntimeError)
     assert issubclass(mla_cupy.CompileError, RuntimeError)
     assert issubclass(mla_cupy.CompileDisabledError, RuntimeError)
+    assert issubclass(mla_cupy.WorkspaceOutOfMemoryError, RuntimeError)
+    assert issubclass(mla_cupy.WorkspaceOutOfMemoryError, MemoryError)
     assert mla_cupy.CompileError("failed", "the log").log == "the log"
 
 

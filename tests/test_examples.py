@@ -16,7 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
 # The framework an example needs besides mla_cupy, if any.
-NEEDS = {"torch_example.py": "torch", "jax_example.py": "jax"}
+NEEDS = {"torch_example.py": "torch", "jax_example.py": "jax", "deepseek_v3_decode_jax.py": "jax"}
 
 
 def run_example(name, timeout=600):
@@ -31,7 +31,8 @@ def run_example(name, timeout=600):
 
 @pytest.mark.cpu
 def test_the_examples_are_there():
-    expected = {"quickstart.py", "jax_example.py", "torch_example.py", "cuda_graph.py"}
+    expected = {"quickstart.py", "jax_example.py", "torch_example.py", "cuda_graph.py",
+                "deepseek_v3_decode.py", "deepseek_v3_decode_jax.py"}
     assert expected <= set(EXAMPLES), f"missing examples: {sorted(expected - set(EXAMPLES))}"
 
 
