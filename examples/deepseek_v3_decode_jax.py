@@ -28,6 +28,7 @@ of bfloat16 weights and KV caches):
     python examples/deepseek_v3_decode_jax.py
 """
 
+import functools
 import os
 import sys
 import time
@@ -59,7 +60,7 @@ def make_layer_functions(jax, jnp, batch, s_q):
     def mm(spec, a, b):  # bfloat16 operands, float32 result
         return jnp.einsum(spec, a, b, preferred_element_type=f32)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(2,))  # the cache is updated in place
     def before_attention(w, x, cache, block_table, seqlens):
         """From hidden states ``x`` [tokens, hidden]: the q rows [batch, s_q, heads, 576]
         (bfloat16) and ``cache`` with the new tokens' rows written at their slots."""

@@ -1534,7 +1534,12 @@ def show_json(args, emit=print):
     for line in format_table(records):
         emit(line)
     if args.plot:
-        plot_results(records, args.plot, header)
+        try:
+            plot_results(records, args.plot, header)
+        except Exception as exc:  # the table is out already: say why there is no plot
+            print(f"python -m mla_cupy.bench: --plot {args.plot}: {short_error(exc, 300)}",
+                  file=sys.stderr, flush=True)
+            return 1
         emit(f"plot: {args.plot}")
     return 0
 

@@ -333,7 +333,8 @@ def _import(named, stream):
 
 
 # The split-KV workspace: one fp32 buffer per (device, stream), grown on demand and shared by the
-# calls on that stream (stream order makes the sharing safe).
+# calls on that stream (stream order makes the sharing safe); the per-thread default stream,
+# one address for a different stream in each thread, has one per thread (_key).
 #
 # What is kept: a buffer that is outgrown is dropped, and CuPy's pool takes its memory back (the
 # pool reuses memory only for allocations on the stream it was allocated for, which _allocate
@@ -366,11 +367,23 @@ _MAX_WORKSPACES = 64
 _workspace_lock = threading.Lock()
 
 
+_PER_THREAD_STREAM = 2  # cudaStreamPerThread: one address, a different stream in each thread
+
+
+def _key(device_id, stream):
+    """The _workspaces key of stream `stream` (an address) on device `device_id`: the per-thread
+    default stream has one address for every thread, so its key also names the thread."""
+    if stream == _PER_THREAD_STREAM:
+        return device_id, stream, threading.get_ident()
+    return device_id, stream
+
+
 def _workspace(device_id, stream, rows, dv):
     """Device pointers of o_accum [rows, dv] and lse_accum [rows] (fp32) for stream `stream` (an
     address) of device `device_id`, the current device, and the buffer holding them: the caller
     keeps it until its kernels are queued, in case another thread drops the buffer meanwhile."""
-    ws = _workspaces.get((device_id, stream))
+    key = _key(device_id, stream)
+    ws = _workspaces.get(key)
     if ws is None or ws.size < rows * (dv + 1):
         try:
             ws = _grow(device_id, stream, rows * (dv + 1))
@@ -378,7 +391,7 @@ def _workspace(device_id, stream, rows, dv):
             raise _out_of_memory(device_id, rows, dv, exc) from exc
     if not ws.captured and _capturing(stream):
         ws.captured = True
-        if _workspaces.get((device_id, stream)) is not ws:  # dropped by another thread meanwhile
+        if _workspaces.get(key) is not ws:  # dropped by another thread meanwhile
             _retire(ws.buffer)
     return ws.base, ws.base + rows * dv * 4, ws.buffer
 
@@ -386,7 +399,7 @@ def _workspace(device_id, stream, rows, dv):
 def _grow(device_id, stream, need):
     """A buffer of at least `need` elements for (device_id, stream), replacing the stream's
     smaller one (see above for what happens to that one)."""
-    key = (device_id, stream)
+    key = _key(device_id, stream)
     with _workspace_lock:
         old = _workspaces.get(key)
         if old is not None and old.size >= need:  # grown by another thread meanwhile

@@ -111,6 +111,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         out_shape, lse_shape = _decode_shapes(q, head_dim_v)
         out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError in newer torch) not an argument error
+        raise
     except (TypeError, ValueError, RuntimeError):
         # Arguments no output can be made for: the library's checks say what is wrong.
         return interface.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,

@@ -32,8 +32,9 @@ def main(argv=None):
         print(f"sm90 parts per SM: {parts}")
 
     _compile._kernels_dir = lambda: folder
-    _compile.kernel_files.cache_clear()
-    _compile._source_text.cache_clear()
+    for cached in (_compile.kernel_files, _compile._source_text, _compile.source_digest,
+                   _compile.translation_unit):
+        cached.cache_clear()
     print(f"kernel sources: {folder}")
     return bench.main(argv[1:])
 

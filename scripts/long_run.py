@@ -161,6 +161,9 @@ def main(argv=None):
           f"seqlens 0..{MAX_SEQLEN}, page {PAGE}, {STREAMS} streams; a row every {every} steps", flush=True)
     print(HEADER, flush=True)
 
+    # The inputs were made on the legacy default stream, which the non-blocking streams below do
+    # not wait for.
+    cupy.cuda.Device().synchronize()
     samples, failures = [], 0
     t0 = last_t = time.perf_counter()
     last_calls = 0

@@ -8,6 +8,7 @@ tests/test_concurrency_gpu.py runs the real ones on a GPU.
 
 import collections
 import gc
+import threading
 import weakref
 
 import pytest
@@ -111,6 +112,30 @@ def test_pointers_and_reuse(fake_gpu):
     other = interface._workspace(1, 7, 10, 512)
     assert other[0] != o_accum and len(fake_gpu.allocations) == 2
     assert interface._workspace_bytes() == (2, 2 * buffer.nbytes, 0)
+
+
+def test_per_thread_default_stream_has_a_workspace_per_thread(fake_gpu):
+    # cudaStreamPerThread (address 2) is a different stream in each thread: sharing one buffer
+    # between threads would let their kernels write it at the same time.
+    results, both_done = {}, threading.Barrier(2)
+
+    def call(name):
+        results[name] = interface._workspace(0, interface._PER_THREAD_STREAM, 10, 512)[0]
+        both_done.wait()  # both alive at once: two distinct thread identities
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["a"] != results["b"] and len(fake_gpu.allocations) == 2
+    # An ordinary stream is one stream for every thread: one buffer.
+    first = interface._workspace(0, 7, 10, 512)[0]
+    other = []
+    t = threading.Thread(target=lambda: other.append(interface._workspace(0, 7, 10, 512)[0]))
+    t.start()
+    t.join()
+    assert other == [first] and len(fake_gpu.allocations) == 3
 
 
 def test_outgrown_buffer_is_freed_outside_captures(fake_gpu):

@@ -296,5 +296,3 @@ def test_selftest_passes_on_this_gpu():
     summary = re.fullmatch(r"selftest: all (\d+) checks passed \(([\d.]+) s in all: ([\d.]+) s compiling or "
                            r"loading kernels, [\d.]+ s making inputs and the float64 reference\)", lines[-1])
     assert summary and int(summary.group(1)) == len(expected), report
-    # Its whole run, compiles aside, stays short (about 30 s on an H200).
-    assert float(summary.group(2)) - float(summary.group(3)) < 30, report
