@@ -10,6 +10,11 @@
 #   GPU_CHECK_KERNELS          kernel paths of the test lanes (default "portable sm90"); each
 #                              lane runs with MLA_CUPY_KERNEL set to one of them
 #   GPU_CHECK_HOST_PROFILE=0   skip scripts/host_profile.py (host µs per call; on by default)
+#   GPU_CHECK_AB="DIR ..."     after the benchmark, scripts/ab_kernels.py once per folder of kernel
+#                              sources, with the benchmark's options (A/B runs of kernel versions
+#                              in the same machine session as the main table)
+#   GPU_CHECK_SANITIZE=1       also scripts/sanitize.sh (several minutes)
+#   GPU_CHECK_LONG_RUN=N       also scripts/long_run.py --calls N
 #   GPU_CHECK_BENCH_ARGS       benchmark options (default "--kernels auto,portable"), before
 #                              the command line's own
 #   MLA_CUPY_OUT_DIR           logs go there (gpu_tests_<kernel>.log, bench.txt, bench.jsonl,
@@ -105,6 +110,24 @@ python3 -m mla_cupy.bench "${bench_args[@]}" 2>&1 | tee "$bench_log"
 bench_rc=${PIPESTATUS[0]}
 bench_s=$((SECONDS - start))
 
+# Kernel versions side by side, then the optional long checks.
+for dir in ${GPU_CHECK_AB-}; do
+  section "A/B: python scripts/ab_kernels.py $dir ${bench_args[*]}"
+  ab_log="$logs/ab_$(basename "$dir").txt"
+  python3 scripts/ab_kernels.py "$dir" "${bench_args[@]}" 2>&1 | tee "$ab_log"
+done
+extra_lines=()
+if [[ ${GPU_CHECK_SANITIZE:-0} != 0 ]]; then
+  section "compute-sanitizer: bash scripts/sanitize.sh"
+  bash scripts/sanitize.sh 2>&1 | tee "$logs/sanitize.txt"
+  extra_lines+=("sanitize.sh (exit ${PIPESTATUS[0]}): $(grep -cE '^[a-z]+check: 0 errors' "$logs/sanitize.txt") tools clean")
+fi
+if [[ -n ${GPU_CHECK_LONG_RUN:-} ]]; then
+  section "long run: python scripts/long_run.py --calls $GPU_CHECK_LONG_RUN"
+  python3 scripts/long_run.py --calls "$GPU_CHECK_LONG_RUN" 2>&1 | tee "$logs/long_run.txt"
+  extra_lines+=("long_run.py (exit ${PIPESTATUS[0]}): $(tail -n 1 "$logs/long_run.txt")")
+fi
+
 # Host cost per call (a few seconds).
 host_log="$logs/host_profile.txt"
 if [[ ${GPU_CHECK_HOST_PROFILE:-1} != 0 ]]; then
@@ -120,6 +143,9 @@ for line in "${lane_lines[@]}"; do
   echo "$line"
 done
 echo "FlashInfer peer: $fi_state"
+for line in ${extra_lines[@]+"${extra_lines[@]}"}; do
+  echo "$line"
+done
 sed -n '/^call /,$p' "$host_log"
 echo "benchmark (exit $bench_rc, ${bench_s} s)${out_dir:+; JSON lines in $out_dir/bench.jsonl}:"
 # The GPU, date and peer lines of the benchmark's header, then its table (from the "config"
@@ -130,6 +156,11 @@ if grep -q '^config ' "$bench_log"; then
 else
   grep -v '^{' "$bench_log"
 fi
+for dir in ${GPU_CHECK_AB-}; do
+  ab_log="$logs/ab_$(basename "$dir").txt"
+  echo "A/B, kernel sources of $dir:"
+  sed -n '/^config /,/^$/p' "$ab_log"
+done
 echo "total $((SECONDS - t_start)) s"
 
 [[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
