@@ -97,10 +97,15 @@ def no_gpu_error(exc=None):
     return UnsupportedDeviceError(no_gpu_reason(exc))
 
 
+def one_line(exc):
+    """``Type: message`` of an exception, its whitespace folded onto one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def nvrtc_missing_reason(exc):
     """One line saying that NVRTC, the CUDA runtime compiler CuPy loads on first use, cannot be
     loaded, what installs it, and the underlying error (in parentheses, on one line)."""
-    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    cause = one_line(exc)
     return (f"mla_cupy compiles its kernels at run time with NVRTC, which cannot be loaded ({cause}); "
             f"to install it: {NVRTC_INSTALL_HINT}")
 
@@ -108,3 +113,17 @@ def nvrtc_missing_reason(exc):
 def nvrtc_missing_error(exc):
     """:class:`UnsupportedDeviceError` with :func:`nvrtc_missing_reason`'s message."""
     return UnsupportedDeviceError(nvrtc_missing_reason(exc))
+
+
+def workspace_out_of_memory_error(device_id, rows, dv, exc):
+    """WorkspaceOutOfMemoryError for a workspace of `rows` rows of `dv` + 1 fp32 values that could
+    not be allocated (`exc`: the allocator's MemoryError)."""
+    nbytes = rows * (dv + 1) * 4
+    cause = one_line(exc)
+    return WorkspaceOutOfMemoryError(
+        f"out of GPU memory for mla_cupy's split-KV workspace: {nbytes:,} bytes on device {device_id} "
+        f"({rows:,} rows of {dv + 1} fp32 partial results: (batch + schedule rows) x s_q x h_q, "
+        f"{dv} values and a log-sum-exp each) ({cause}); free GPU memory held elsewhere (other "
+        "arrays; memory cached by another framework's allocator, e.g. torch.cuda.empty_cache()) or "
+        "decode the batch in smaller calls; nothing was launched and later calls that fit will run",
+        nbytes=nbytes, device=device_id)

@@ -578,12 +578,16 @@ def read_json_lines(path):
     return header, records
 
 
-def filter_records(records, text):
-    """The records whose config name contains any of the comma-separated texts (``--filter``)."""
+def name_matches(name, text):
+    """Whether a config name contains any of the comma-separated texts of ``--filter`` (always,
+    with no text)."""
     texts = [t for t in (text or "").split(",") if t]
-    if not texts:
-        return list(records)
-    return [r for r in records if any(t in (r.get("config") or "") for t in texts)]
+    return not texts or any(t in name for t in texts)
+
+
+def filter_records(records, text):
+    """The records whose config name matches ``--filter`` (see :func:`name_matches`)."""
+    return [r for r in records if name_matches(r.get("config") or "", text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,10 +800,7 @@ def select_configs(args):
         configs = quick_sweep() if args.quick else standard_sweep()
     else:
         configs = sweep_configs(args.sweep)
-    if args.filter:
-        texts = [t for t in args.filter.split(",") if t]
-        configs = [c for c in configs if any(t in c.name for t in texts)]
-    return configs
+    return [c for c in configs if name_matches(c.name, args.filter)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import time
 import numpy as np
 
 from . import _compile, _launch, _metadata, _params, _select, _validate
-from ._errors import (UnsupportedDeviceError, WorkspaceOutOfMemoryError, no_gpu_error, no_gpu_reason,
-                      nvrtc_missing_reason)
+from ._errors import UnsupportedDeviceError, no_gpu_error, no_gpu_reason, workspace_out_of_memory_error
 from .support import MIN_COMPUTE_CAPABILITY
 
 logger = logging.getLogger("mla_cupy")
@@ -388,7 +387,7 @@ def _workspace(device_id, stream, rows, dv):
         try:
             ws = _grow(device_id, stream, rows * (dv + 1))
         except MemoryError as exc:
-            raise _out_of_memory(device_id, rows, dv, exc) from exc
+            raise workspace_out_of_memory_error(device_id, rows, dv, exc) from exc
     if not ws.captured and _capturing(stream):
         ws.captured = True
         if _workspaces.get(key) is not ws:  # dropped by another thread meanwhile
@@ -427,20 +426,6 @@ def _drop(key, keep):
     ws = _workspaces.pop(key, None)
     if ws is not None and (keep or ws.captured):  # .captured read after the pop (see _workspace)
         _retire(ws.buffer)
-
-
-def _out_of_memory(device_id, rows, dv, exc):
-    """WorkspaceOutOfMemoryError for a workspace of `rows` rows of `dv` + 1 fp32 values that could
-    not be allocated (`exc`: the allocator's MemoryError)."""
-    nbytes = rows * (dv + 1) * 4
-    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return WorkspaceOutOfMemoryError(
-        f"out of GPU memory for mla_cupy's split-KV workspace: {nbytes:,} bytes on device {device_id} "
-        f"({rows:,} rows of {dv + 1} fp32 partial results: (batch + schedule rows) x s_q x h_q, "
-        f"{dv} values and a log-sum-exp each) ({cause}); free GPU memory held elsewhere (other "
-        "arrays; memory cached by another framework's allocator, e.g. torch.cuda.empty_cache()) or "
-        "decode the batch in smaller calls; nothing was launched and later calls that fit will run",
-        nbytes=nbytes, device=device_id)
 
 
 def _retire(buffer):
@@ -555,12 +540,10 @@ def show_config(file=None):
 
         lines.append(f"CuPy {cupy.__version__}")
         try:
-            from cupy_backends.cuda.libs import nvrtc
-
-            major, minor = nvrtc.getVersion()
+            major, minor = _compile.nvrtc_version()
             lines.append(f"NVRTC {major}.{minor}")
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
-            lines.append(nvrtc_missing_reason(exc))
+        except UnsupportedDeviceError as exc:  # NVRTC cannot be loaded: reported, not fatal
+            lines.append(str(exc))
         try:
             drv = cupy.cuda.runtime.driverGetVersion()  # 0 without a driver
             rt = cupy.cuda.runtime.runtimeGetVersion()
