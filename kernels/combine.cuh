@@ -7,7 +7,8 @@
 // were written by the decode kernel and are skipped. The warp reads the log2-domain lse of
 // every split, forms the merged lse and the weights 2^(lse_i - lse), and sums the normalised
 // partial outputs (each lane owns 4 columns: one 16-byte load per split). A row no split saw
-// anything of gets out = 0 and lse = +inf.
+// anything of gets out = 0 and lse = +inf. Behind a decode that calls pdl_launch_dependents(),
+// the combine may be launched early (programmatic dependent launch) and waits in pdl_wait().
 #pragma once
 
 namespace mla {
@@ -28,6 +29,9 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __gri
   const int base = p.num_splits[req];
   const int n = p.num_splits[req + 1] - base;
   if (n <= 1 || row >= p.m) return;
+  // Launched behind the decode with programmatic serialization on sm_90: the schedule above was
+  // written before the decode started; the partial results are not ready before this.
+  pdl_wait();
 
   const float* lse_row = p.lse_accum + (int64_t)base * p.h_kv * p.m + (int64_t)hk * p.m + row;
   const int64_t lse_split_stride = (int64_t)p.h_kv * p.m;

@@ -51,6 +51,23 @@ MLA_DEVICE float fast_exp2(float x) {
   return y;
 }
 
+// ---- programmatic dependent launch (sm_90 and later; no-ops before) ---------------------------
+// A kernel launched with programmatic stream serialization may start while the kernel before it
+// on the stream still runs: it must call pdl_wait() before touching anything that kernel writes
+// (the wait returns once it has completed and its writes are visible; at once when the launch
+// was an ordinary one). pdl_launch_dependents() lets such a follower be scheduled as soon as
+// every CTA of this grid has called it or exited.
+MLA_DEVICE void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+MLA_DEVICE void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
 // ---- shared memory and asynchronous copies --------------------------------------------------
 MLA_DEVICE uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -27,16 +27,18 @@ class CombineLaunch:
     """The combine of one call signature: fixed parameter fields, grid and the loaded kernel.
 
     `out_strides` ([b, s_q, h_q] of out) and `lse_strides` ([b, h_q, s_q]) are in elements.
+    `programmatic`: a programmatic dependent launch behind the decode (see ``_launch.Kernel``;
+    the decode must call ``pdl_launch_dependents()``, the combine waits in ``pdl_wait()``).
     """
 
-    def __init__(self, device_id, problem, out_strides, lse_strides):
+    def __init__(self, device_id, problem, out_strides, lse_strides, programmatic=False):
         p = problem
         fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v))
         params = _params.Block(
             _params.COMBINE_PARAMS, POINTERS, o_stride_b=out_strides[0], o_stride_s=out_strides[1],
             o_stride_h=out_strides[2], lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1],
             lse_stride_s=lse_strides[2], batch=p.batch, h_kv=p.h_kv, ngroups=p.ngroups, m=p.m)
-        self.kernel = _launch.Kernel(fn, grid(p), (32 * WARPS,), 0, params)
+        self.kernel = _launch.Kernel(fn, grid(p), (32 * WARPS,), 0, params, programmatic=programmatic)
 
     def __call__(self, stream, num_splits, o_accum, lse_accum, out, lse):
         """Launch on stream `stream` (an int address); every other argument is a device pointer."""

@@ -7,6 +7,7 @@
 | MLA_CUPY_DUMP_SOURCE | unset | directory: write each assembled translation unit there before compiling |
 | MLA_CUPY_NO_COMPILE | 0 | 1: any compile after import raises CompileDisabledError (use after warmup()) |
 | MLA_CUPY_VALIDATE | 0 | 1: check device data (seqlens, block ids) on every call; costs a host sync |
+| MLA_CUPY_PDL | 1 | 0: launch the combine after the sm90 decode as an ordinary launch instead of a programmatic dependent launch (which overlaps its start with the decode's end; needs a CUDA 12.3 driver) |
 | MLA_CUPY_KERNEL | auto | decode kernel family: auto (the fastest that runs the problem), portable or sm90; a family that cannot run a problem raises UnsupportedDeviceError |
 """
 
@@ -20,6 +21,10 @@ def _flag(name):
     return value not in ("", "0", "false", "no", "off")
 
 
+def _flag_default_on(name):
+    return _flag(name) if os.environ.get(name, "").strip() else True
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     cache_dir: str
@@ -28,6 +33,7 @@ class Config:
     no_compile: bool
     validate: bool
     kernel: str
+    pdl: bool
 
 
 KERNEL_KINDS = ("auto", "portable", "sm90")  # mla_cupy._select.KERNELS
@@ -67,6 +73,7 @@ def read_config():
         no_compile=_flag("MLA_CUPY_NO_COMPILE"),
         validate=_flag("MLA_CUPY_VALIDATE"),
         kernel=_kernel(),
+        pdl=_flag_default_on("MLA_CUPY_PDL"),
     )
 
 

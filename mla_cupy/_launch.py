@@ -78,6 +78,7 @@ class LaunchAttribute(ctypes.Structure):
 
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 @functools.cache
@@ -109,14 +110,24 @@ class Kernel:
     ``kernel(stream_ptr, pointers, extra)`` writes `pointers` into the block and launches on
     stream `stream_ptr` (an int) on the current device, which must be `fn`'s. A lock makes the
     write and the launch one step: concurrent callers of one plan cannot mix their pointers.
+
+    `programmatic`: launch with programmatic stream serialization (programmatic dependent
+    launch, sm_90 and later): the kernel may start before the previous kernel on the stream has
+    finished, and must wait for it in the kernel (``pdl_wait()`` in kernels/prelude.cuh).
     """
 
-    def __init__(self, fn, grid, block, shared_bytes, params, extra=0):
+    def __init__(self, fn, grid, block, shared_bytes, params, extra=0, programmatic=False):
         self.fn, self.params, self.extra = fn, params, extra
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.block = tuple(block) + (1,) * (3 - len(block))
         self.shared_bytes = shared_bytes
         self.config = LaunchConfig(self.grid, self.block, shared_bytes, None, None, 0)
+        self.programmatic = programmatic
+        if programmatic:
+            self.attrs = (LaunchAttribute * 1)()
+            self.attrs[0].id = _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            self.attrs[0].value[0] = 1  # programmaticStreamSerializationAllowed
+            self.config.attrs, self.config.num_attrs = ctypes.addressof(self.attrs), 1
         self.argv = (ctypes.c_void_p * (1 + extra))(params.address)
         self._config_address = ctypes.addressof(self.config)
         self._argv_address = ctypes.addressof(self.argv)

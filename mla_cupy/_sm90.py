@@ -9,8 +9,9 @@ falls back to the portable family by itself.
 """
 
 import dataclasses
+import functools
 
-from . import _combine, _compile, _driver, _launch, _params
+from . import _combine, _compile, _driver, _env, _launch, _params
 from .support import DTYPES
 
 NAME = "sm90"
@@ -24,6 +25,7 @@ TILE_TOKENS = 64
 THREADS = 384  # producer warpgroup + two consumer warpgroups (DecodeTraits::THREADS)
 M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
 WARMUP_ROWS = (64,)  # the configuration does not depend on the number of query rows
+PDL_DRIVER = 12030  # programmatic launches in captured CUDA graphs need a CUDA 12.3 driver
 
 
 
@@ -129,6 +131,17 @@ def _tma_strides(kv):
     return tuple(strides)
 
 
+@functools.cache
+def programmatic_combine():
+    """Whether the combine follows the decode as a programmatic dependent launch, which
+    overlaps its launch and start with the decode's last CTAs (MLA_CUPY_PDL=0 turns it off)."""
+    if not _env.CONFIG.pdl:
+        return False
+    import cupy
+
+    return cupy.cuda.runtime.driverGetVersion() >= PDL_DRIVER
+
+
 class DecodeLaunch:
     """Decode + combine of one call signature (see ``_portable.DecodeLaunch``); the TMA
     descriptor of each k_cache is encoded on its first call and kept by address (bounded)."""
@@ -142,7 +155,8 @@ class DecodeLaunch:
         self._kv_shape, self._kv_strides = tuple(kv.shape), _tma_strides(kv)
         self._dtype, self._box = pb.dtype, config.page_box
         self._maps = {}  # k_cache address -> (host address, bytes) of its tensor map
-        self.combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides)
+        self.combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides,
+                                              programmatic=programmatic_combine())
         #: fp32 split workspace this launch needs: (rows, columns) of o_accum; lse_accum has rows.
         self.workspace = ((pb.batch + pb.num_sm_parts) * pb.h_kv * pb.m, pb.head_dim_v)
 

@@ -122,6 +122,33 @@ def test_kernel_driver_launch_reads_config_and_arguments(monkeypatch):
     assert first["extra"] == b"\x01\x02\x03\x04"
 
 
+def test_programmatic_kernel_passes_the_serialization_attribute(monkeypatch):
+    seen = []
+
+    def fake_launch_ex(config, fn, argv, extra):
+        cfg = _launch.LaunchConfig.from_address(config)
+        attr = _launch.LaunchAttribute.from_address(cfg.attrs)
+        seen.append((cfg.num_attrs, attr.id, struct.unpack_from("<i", bytes(attr.value))[0]))
+        return 0
+
+    monkeypatch.setattr(_launch, "_launch_kernel_ex", lambda: fake_launch_ex)
+    kernel = _launch.Kernel(FakeFunction(), (1,), (32,), 0, _combine_block(), programmatic=True)
+    kernel(0x10, (1, 2, 3, 4, 5))
+    kernel(0x20, (1, 2, 3, 4, 5))
+    # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) with programmaticStreamSerializationAllowed = 1
+    assert seen == [(1, 6, 1), (1, 6, 1)]
+
+
+def test_pdl_switch(monkeypatch):
+    from mla_cupy import _env
+
+    for value, want in (("", True), ("1", True), ("0", False), ("off", False)):
+        monkeypatch.setenv("MLA_CUPY_PDL", value)
+        assert _env.read_config().pdl is want
+    monkeypatch.delenv("MLA_CUPY_PDL")
+    assert _env.read_config().pdl is True
+
+
 def test_kernel_driver_error_is_raised(monkeypatch):
     monkeypatch.setattr(_launch, "_launch_kernel_ex", lambda: lambda *args: 1)
     kernel = _launch.Kernel(FakeFunction(), (1,), (32,), 0, _combine_block())
