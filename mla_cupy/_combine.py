@@ -33,16 +33,33 @@ class CombineLaunch:
 
     def __init__(self, device_id, problem, out_strides, lse_strides, programmatic=False):
         p = problem
-        fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v))
+        shape = grid(p)
+        shared = _spread_bytes(_launch.device_info(device_id), shape[0] * shape[1]) if programmatic else 0
+        fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v), shared)
         params = _params.Block(
             _params.COMBINE_PARAMS, POINTERS, o_stride_b=out_strides[0], o_stride_s=out_strides[1],
             o_stride_h=out_strides[2], lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1],
             lse_stride_s=lse_strides[2], batch=p.batch, h_kv=p.h_kv, ngroups=p.ngroups, m=p.m)
-        self.kernel = _launch.Kernel(fn, grid(p), (32 * WARPS,), 0, params, programmatic=programmatic)
+        self.kernel = _launch.Kernel(fn, shape, (32 * WARPS,), shared, params, programmatic=programmatic)
 
     def __call__(self, stream, num_splits, o_accum, lse_accum, out, lse):
         """Launch on stream `stream` (an int address); every other argument is a device pointer."""
         self.kernel(stream, (num_splits, o_accum, lse_accum, out, lse))
+
+
+_MAX_CTAS_PER_SM = 2048 // (32 * WARPS)  # the thread limit of an SM
+_SMEM_RESERVED = 1024  # shared memory the hardware reserves per CTA
+
+
+def _spread_bytes(info, ctas):
+    """Dynamic shared memory (unused by the kernel) that lets at most ceil(ctas / SMs) combine CTAs
+    share an SM. A programmatic combine is scheduled while the decode still runs, onto SMs as
+    they free; without a limit the first few SMs to free would take up to eight CTAs each, and a
+    small grid (one long request: few CTAs, each merging many splits) would run on a few SMs."""
+    per_sm = -(-ctas // info.sms)
+    if per_sm >= _MAX_CTAS_PER_SM:
+        return 0
+    return info.smem_per_sm // (per_sm + 1) + 1 - _SMEM_RESERVED if per_sm > 0 else 0
 
 
 # Fields of CombineParams written per launch, in struct order; the rest are fixed per plan.

@@ -251,3 +251,17 @@ def test_register_torch_needs_the_real_module(monkeypatch):
     before = dict(_interop._SIGNATURES)
     _interop._register_torch()
     assert _interop._SIGNATURES == before
+
+
+@pytest.mark.parametrize("ctas", [1, 64, 132, 133, 264, 500, 923, 924, 1056, 5000])
+def test_programmatic_combine_spreads_over_the_sms(ctas):
+    from mla_cupy import _combine
+
+    info = _launch.DeviceInfo(cc=90, sms=132, smem_per_block=232448, smem_per_sm=233472)
+    shared = _combine._spread_bytes(info, ctas)
+    per_sm = -(-ctas // info.sms)
+    if per_sm >= 8:  # the thread limit already allows no more than 8
+        assert shared == 0
+        return
+    fits = info.smem_per_sm // (shared + _combine._SMEM_RESERVED)
+    assert fits == per_sm and shared <= info.smem_per_block
