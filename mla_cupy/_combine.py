@@ -33,9 +33,12 @@ class CombineLaunch:
 
     def __init__(self, device_id, problem, out_strides, lse_strides, programmatic=False):
         p = problem
-        shape = grid(p)
-        shared = _spread_bytes(_launch.device_info(device_id), shape[0] * shape[1]) if programmatic else 0
-        fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v), shared)
+        shape, info = grid(p), _launch.device_info(device_id)
+        shared = _spread_bytes(info, shape[0] * shape[1]) if programmatic else 0
+        # The function's dynamic shared memory limit is one attribute for every plan: the
+        # largest any plan asks (a plan setting its own would lower it under another's launch).
+        fn = _launch.function(device_id, variant(p.dtype, p.head_dim_v), expression(p.dtype, p.head_dim_v),
+                              _spread_bytes(info, 1) if programmatic else 0)
         params = _params.Block(
             _params.COMBINE_PARAMS, POINTERS, o_stride_b=out_strides[0], o_stride_s=out_strides[1],
             o_stride_h=out_strides[2], lse_stride_b=lse_strides[0], lse_stride_h=lse_strides[1],

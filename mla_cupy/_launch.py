@@ -79,6 +79,10 @@ class LaunchAttribute(ctypes.Structure):
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+# The special stream handles: 0 and cudaStreamLegacy (1), the legacy default stream, and
+# cudaStreamPerThread (2). The driver refuses a programmatic launch on the legacy default stream
+# (CUDA_ERROR_INVALID_VALUE); on these handles a programmatic kernel is launched as an ordinary one.
+_SPECIAL_STREAMS = 2
 
 
 @functools.cache
@@ -113,7 +117,8 @@ class Kernel:
 
     `programmatic`: launch with programmatic stream serialization (programmatic dependent
     launch, sm_90 and later): the kernel may start before the previous kernel on the stream has
-    finished, and must wait for it in the kernel (``pdl_wait()`` in kernels/prelude.cuh).
+    finished, and must wait for it in the kernel (``pdl_wait()`` in kernels/prelude.cuh). On the
+    default streams (handles 0, 1, 2) it is launched as an ordinary kernel.
     """
 
     def __init__(self, fn, grid, block, shared_bytes, params, extra=0, programmatic=False):
@@ -128,6 +133,8 @@ class Kernel:
             self.attrs[0].id = _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             self.attrs[0].value[0] = 1  # programmaticStreamSerializationAllowed
             self.config.attrs, self.config.num_attrs = ctypes.addressof(self.attrs), 1
+            self.plain_config = LaunchConfig(self.grid, self.block, shared_bytes, None, None, 0)
+            self._plain_config_address = ctypes.addressof(self.plain_config)
         self.argv = (ctypes.c_void_p * (1 + extra))(params.address)
         self._config_address = ctypes.addressof(self.config)
         self._argv_address = ctypes.addressof(self.argv)
@@ -146,15 +153,20 @@ class Kernel:
                 return
             for i, (address, _) in enumerate(extra):
                 self.argv[1 + i] = address
-            if stream_ptr != self._stream:
-                self.config.stream = stream_ptr
-                self._stream = stream_ptr
-            rc = self._driver(self._config_address, self._fn_ptr, self._argv_address, None)
+            if self.programmatic and stream_ptr <= _SPECIAL_STREAMS:
+                self.plain_config.stream = stream_ptr
+                config = self._plain_config_address
+            else:
+                if stream_ptr != self._stream:
+                    self.config.stream = stream_ptr
+                    self._stream = stream_ptr
+                config = self._config_address
+            rc = self._driver(config, self._fn_ptr, self._argv_address, None)
             if rc == _CUDA_ERROR_INVALID_CONTEXT:  # a thread whose device context is not current yet
                 import cupy
 
                 cupy.cuda.runtime.setDevice(cupy.cuda.runtime.getDevice())
-                rc = self._driver(self._config_address, self._fn_ptr, self._argv_address, None)
+                rc = self._driver(config, self._fn_ptr, self._argv_address, None)
         if rc:
             from cupy_backends.cuda.api import driver
 

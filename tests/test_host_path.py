@@ -127,16 +127,20 @@ def test_programmatic_kernel_passes_the_serialization_attribute(monkeypatch):
 
     def fake_launch_ex(config, fn, argv, extra):
         cfg = _launch.LaunchConfig.from_address(config)
+        if not cfg.num_attrs:
+            seen.append((cfg.stream or 0, 0))
+            return 0
         attr = _launch.LaunchAttribute.from_address(cfg.attrs)
-        seen.append((cfg.num_attrs, attr.id, struct.unpack_from("<i", bytes(attr.value))[0]))
+        seen.append((cfg.stream, cfg.num_attrs, attr.id, struct.unpack_from("<i", bytes(attr.value))[0]))
         return 0
 
     monkeypatch.setattr(_launch, "_launch_kernel_ex", lambda: fake_launch_ex)
     kernel = _launch.Kernel(FakeFunction(), (1,), (32,), 0, _combine_block(), programmatic=True)
-    kernel(0x10, (1, 2, 3, 4, 5))
-    kernel(0x20, (1, 2, 3, 4, 5))
-    # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) with programmaticStreamSerializationAllowed = 1
-    assert seen == [(1, 6, 1), (1, 6, 1)]
+    for stream in (0x10, 0x20, 0, 1, 2, 0x20):
+        kernel(stream, (1, 2, 3, 4, 5))
+    # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) with programmaticStreamSerializationAllowed = 1,
+    # except on the default streams (0, cudaStreamLegacy, cudaStreamPerThread): an ordinary launch there.
+    assert seen == [(0x10, 1, 6, 1), (0x20, 1, 6, 1), (0, 0), (1, 0), (2, 0), (0x20, 1, 6, 1)]
 
 
 def test_pdl_switch(monkeypatch):
