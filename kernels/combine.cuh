@@ -17,8 +17,9 @@ constexpr int kCombineWarps = 8;           // per CTA
 constexpr int kCombineSliceColumns = 128;  // columns of a row one warp merges, 4 per lane
 static_assert(kCombineSliceColumns == 32 * 4, "a lane merges one float4 of the slice");
 
+// The kernel body, shared by combine_kernel and the flat-argument entry of jax_entry.cuh.
 template <int DV, class Elem>
-__global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __grid_constant__ CombineParams p) {
+MLA_DEVICE void combine_body(const CombineParams& p) {
   static_assert(DV % kCombineSliceColumns == 0, "a row is made of whole slices");
   constexpr int SLICES = DV / kCombineSliceColumns;
   const int unit_blocks = (p.m * SLICES + kCombineWarps - 1) / kCombineWarps;
@@ -71,6 +72,11 @@ __global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __gri
   if (lane == 0 && slice == 0) {
     p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] = empty ? pos_inf() : lse2 * kLn2;
   }
+}
+
+template <int DV, class Elem>
+__global__ void __launch_bounds__(32 * kCombineWarps) combine_kernel(const __grid_constant__ CombineParams p) {
+  combine_body<DV, Elem>(p);
 }
 
 }  // namespace mla

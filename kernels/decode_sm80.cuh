@@ -65,9 +65,10 @@ MLA_DEVICE uint32_t swz(int row, int chunk) {
   return uint32_t((row * CHUNKS + (chunk ^ (row & 7))) * 16);
 }
 
+// The kernel body, shared by decode_kernel (parameter block by value) and the flat-argument
+// entry of jax_entry.cuh; inlined into both.
 template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, class Elem>
-__global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>::NTHREADS, 1)
-    decode_kernel(const __grid_constant__ DecodeParams p) {
+MLA_DEVICE void decode_body(const DecodeParams& p) {
   using T = DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>;
   extern __shared__ __align__(128) uint8_t smem[];
 
@@ -351,6 +352,12 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
     }
     __syncthreads();  // sQ / sKV / sP are reused by the next request
   }
+}
+
+template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, class Elem>
+__global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>::NTHREADS, 1)
+    decode_kernel(const __grid_constant__ DecodeParams p) {
+  decode_body<D, DV, M_TILE, STAGES, WN, MT, BN, Elem>(p);
 }
 
 }  // namespace mla

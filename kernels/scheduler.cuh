@@ -19,7 +19,8 @@ constexpr int kMetadataThreads = 32;  // one warp
 // Requests whose block counts are staged in shared memory; later ones are read from global.
 constexpr int kMetadataSmemRequests = 8192;
 
-__global__ void __launch_bounds__(kMetadataThreads) metadata_kernel(const __grid_constant__ MetadataParams p) {
+// The kernel body, shared by metadata_kernel and the flat-argument entry of jax_entry.cuh.
+MLA_DEVICE void metadata_body(const MetadataParams& p) {
   __shared__ int blocks_smem[kMetadataSmemRequests];
   const int lane = threadIdx.x;
   const int B = p.block_tokens, F = p.fixed_overhead;
@@ -79,6 +80,10 @@ __global__ void __launch_bounds__(kMetadataThreads) metadata_kernel(const __grid
     row[6] = empty ? 0 : int(p.num_splits[end + 1] - p.num_splits[end] > 1);
     row[7] = 0;
   }
+}
+
+__global__ void __launch_bounds__(kMetadataThreads) metadata_kernel(const __grid_constant__ MetadataParams p) {
+  metadata_body(p);
 }
 
 }  // namespace mla
