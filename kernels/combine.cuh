@@ -18,7 +18,9 @@ constexpr int kCombineSliceColumns = 128;  // columns of a row one warp merges, 
 static_assert(kCombineSliceColumns == 32 * 4, "a lane merges one float4 of the slice");
 
 // The kernel body, shared by combine_kernel and the flat-argument entry of jax_entry.cuh.
-template <int DV, class Elem>
+// AllSplit: the decode wrote every request to o_accum / lse_accum (decode_body<..., true>), so
+// requests with a single split are merged (copied) here too.
+template <int DV, class Elem, bool AllSplit = false>
 MLA_DEVICE void combine_body(const CombineParams& p) {
   static_assert(DV % kCombineSliceColumns == 0, "a row is made of whole slices");
   constexpr int SLICES = DV / kCombineSliceColumns;
@@ -29,7 +31,7 @@ MLA_DEVICE void combine_body(const CombineParams& p) {
   const int row = unit / SLICES, slice = unit % SLICES;
   const int base = p.num_splits[req];
   const int n = p.num_splits[req + 1] - base;
-  if (n <= 1 || row >= p.m) return;
+  if (n < (AllSplit ? 1 : 2) || row >= p.m) return;
   // Launched behind the decode with programmatic serialization on sm_90: the schedule above was
   // written before the decode started; the partial results are not ready before this.
   pdl_wait();

@@ -66,8 +66,10 @@ MLA_DEVICE uint32_t swz(int row, int chunk) {
 }
 
 // The kernel body, shared by decode_kernel (parameter block by value) and the flat-argument
-// entry of jax_entry.cuh; inlined into both.
-template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, class Elem>
+// entry of jax_entry.cuh; inlined into both. AllSplit: every request's result goes to
+// o_accum / lse_accum, a request with one split too (out and lse are not written; the flat
+// entry's combine then writes every row).
+template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, class Elem, bool AllSplit = false>
 MLA_DEVICE void decode_body(const DecodeParams& p) {
   using T = DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -103,7 +105,7 @@ MLA_DEVICE void decode_body(const DecodeParams& p) {
     const int n_tiles = tok_end > tok_begin ? (tok_end - tok_begin + BN - 1) / BN : 0;
     const int split_idx = req == begin_req ? begin_split : 0;
     const int split_base = p.num_splits[req];
-    const bool whole = p.num_splits[req + 1] - split_base == 1;
+    const bool whole = !AllSplit && p.num_splits[req + 1] - split_base == 1;
 
     // ---- issue Q (rows past m are zero-filled) -------------------------------------------------
     for (int idx = tid; idx < M_TILE * T::CHUNKS; idx += T::NTHREADS) {

@@ -33,7 +33,9 @@ __global__ void __launch_bounds__(kMetadataThreads)
 }
 
 // custom call: (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
-// -> (out, lse, o_accum, lse_accum). Grid and block of decode_kernel.
+// -> (o_accum, lse_accum); out and lse are passed as null and not written: every request goes to
+// the workspace (decode_body<..., AllSplit = true>) and the combine writes all of out and lse, so
+// no buffer is both an operand and a result. Grid and block of decode_kernel.
 template <int D, int DV, int M_TILE, int STAGES, int WN, int MT, int BN, class Elem>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN>::NTHREADS, 1)
     decode_flat_kernel(const void* q, const void* kv, const int32_t* block_table, const int32_t* seqlens,
@@ -78,13 +80,11 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
   p.causal = causal;
   p.scale_log2 = scale_log2;
   p.pad0 = 0;
-  decode_body<D, DV, M_TILE, STAGES, WN, MT, BN, Elem>(p);
+  decode_body<D, DV, M_TILE, STAGES, WN, MT, BN, Elem, true>(p);
 }
 
-// custom call: (num_splits, o_accum, lse_accum, out, lse) -> (out, lse), the results aliasing
-// operands 3 and 4, so the pointers given here are the results' buffers (the launcher hands a
-// kernel one buffer per pointer argument, operands first; the aliased results that follow are
-// the same buffers and are not taken). Grid and block of combine_kernel.
+// custom call: (num_splits, o_accum, lse_accum) -> (out, lse): every row, single-split requests
+// included (combine_body<..., AllSplit = true>). Grid and block of combine_kernel.
 template <int DV, class Elem>
 __global__ void __launch_bounds__(32 * kCombineWarps)
     combine_flat_kernel(const int32_t* num_splits, const float* o_accum, const float* lse_accum, void* out,
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
   p.h_kv = h_kv;
   p.ngroups = ngroups;
   p.m = m;
-  combine_body<DV, Elem>(p);
+  combine_body<DV, Elem, true>(p);
 }
 
 }  // namespace mla

@@ -9,9 +9,10 @@ ships with jaxlib's CUDA plugin.
 
 * Portable kernel family only (kernels/decode_sm80.cuh, through the flat-argument entries of
   kernels/jax_entry.cuh): the Hopper kernel needs a TMA descriptor made per call on the host.
-* A decode is two custom calls: the decode, whose extra results are the split-KV workspace
-  (``o_accum``, ``lse_accum``, fp32, allocated by XLA), and the combine, which takes that
-  workspace and ``out`` / ``lse`` and returns them updated in place (operand-result aliases).
+* A decode is two custom calls: the decode, whose results are the split-KV workspace
+  (``o_accum``, ``lse_accum``, fp32, allocated by XLA; every request goes there, single-split
+  ones too), and the combine, which merges that workspace into ``out`` / ``lse``, every row. No
+  buffer is both an operand and a result (XLA did not keep such an alias inside ``lax.scan``).
 * Shapes are static. ``get_mla_metadata`` needs the GPU's SM count at trace time (it sets the
   number of schedule rows): from CuPy, else from JAX's device attributes, or ``device=``.
 * No autodiff and no ``vmap``; the results are ordinary JAX arrays.
@@ -167,15 +168,15 @@ def _metadata_abstract(seqlens, *, num_sm_parts, device):
 
 @_decode_p.def_abstract_eval
 def _decode_abstract(q, k_cache, block_table, cache_seqlens, sched, num_splits, *, problem, device):
-    pb = problem
-    rows = _flat.workspace_rows(pb)
-    return (_shaped((pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), q.dtype), _shaped((pb.batch, pb.h_q, pb.s_q), LSE_DTYPE),
-            _shaped((rows, pb.head_dim_v), np.float32), _shaped((rows,), np.float32))
+    rows = _flat.workspace_rows(problem)
+    return _shaped((rows, problem.head_dim_v), np.float32), _shaped((rows,), np.float32)
 
 
 @_combine_p.def_abstract_eval
-def _combine_abstract(num_splits, o_accum, lse_accum, out, lse, *, problem, device):
-    return (_shaped(out.shape, out.dtype), _shaped(lse.shape, lse.dtype))
+def _combine_abstract(num_splits, o_accum, lse_accum, *, problem, device):
+    pb = problem
+    return (_shaped((pb.batch, pb.s_q, pb.h_q, pb.head_dim_v), pb.dtype),
+            _shaped((pb.batch, pb.h_q, pb.s_q), LSE_DTYPE))
 
 
 # ---- lowering: jaxlib's GPU kernel-call custom call ----------------------------------------------
@@ -219,17 +220,21 @@ def _triton_kernel(lib, name, num_warps, shared_bytes, ptx, cc):
         return lib.TritonKernel(name, num_warps, shared_bytes, ptx, "", cc, 1, 1, 1)
 
 
-def kernel_call_opaque(variant, *, num_warps, shared_bytes, grid, struct, scalars, buffers, cc, call_name):
+def kernel_call_opaque(variant, *, num_warps, shared_bytes, grid, struct, scalars, buffers, cc, call_name,
+                       null_fields=()):
     """The zlib-compressed kernel-call proto of one launch of `variant`'s flat entry: its PTX and
     kernel name, block ``32 * num_warps`` (1-D), `shared_bytes` of dynamic shared memory, `grid`,
     and one parameter per argument of ``_flat.arguments(struct)``: a buffer (`buffers`: the
-    custom call's operand then result avals, taken in order) or a scalar from `scalars`."""
+    custom call's operand then result avals, taken in order), a null pointer for a pointer field
+    in `null_fields` (one the entry does not use), or a scalar from `scalars`."""
     lib = _gpu_triton()
     ptx, kernel_name = _flat.ptx(variant)
     kernel = _triton_kernel(lib, kernel_name, num_warps, shared_bytes, ptx, cc)
     params, pending = [], list(buffers)
     for field, kind in _flat.arguments(struct):
-        if kind == "array":
+        if kind == "array" and field in null_fields:
+            params.append(lib.create_scalar_parameter(0, "i64"))
+        elif kind == "array":
             aval = pending.pop(0)
             params.append(lib.create_array_parameter(0, _flat.alignment(field, np.dtype(aval.dtype).itemsize)))
         else:
@@ -251,17 +256,17 @@ def _row_major(avals):
     return [tuple(range(len(a.shape) - 1, -1, -1)) for a in avals]
 
 
-def _emit(ctx, operands, opaque, aliases=None):
+def _emit(ctx, operands, opaque):
     target, api_version = _custom_call_target(_gpu_triton())
     if api_version >= 4:
-        rule = jax.ffi.ffi_lowering(target, operand_output_aliases=aliases)
+        rule = jax.ffi.ffi_lowering(target)
         return rule(ctx, *operands, opaque=opaque)
     from jax._src.interpreters import mlir as mlir_internal
 
     return mlir_internal.custom_call(
         target, result_types=[_ir_type(ctx, a) for a in ctx.avals_out], operands=list(operands),
         backend_config=opaque, api_version=api_version, operand_layouts=_row_major(ctx.avals_in),
-        result_layouts=_row_major(ctx.avals_out), operand_output_aliases=aliases).results
+        result_layouts=_row_major(ctx.avals_out)).results
 
 
 def _metadata_lowering(ctx, seqlens, *, num_sm_parts, device):
@@ -289,7 +294,7 @@ def _decode_lowering(ctx, *operands, problem, device):
         _flat.decode_variant(pb.dtype, pb.head_dim, pb.head_dim_v, cfg), num_warps=cfg.threads // 32,
         shared_bytes=cfg.smem_bytes, grid=_flat.decode_grid(pb, cfg), struct=_params.DECODE_PARAMS,
         scalars=_flat.decode_scalars(pb), buffers=[*ctx.avals_in, *ctx.avals_out], cc=info.cc,
-        call_name="mla_cupy_decode")
+        call_name="mla_cupy_decode", null_fields=("out", "lse"))
     return _emit(ctx, operands, opaque)
 
 
@@ -301,8 +306,7 @@ def _combine_lowering(ctx, *operands, problem, device):
         _flat.combine_variant(pb.dtype, pb.head_dim_v), num_warps=_combine.WARPS, shared_bytes=0,
         grid=_flat.combine_grid(pb), struct=_params.COMBINE_PARAMS, scalars=_flat.combine_scalars(pb),
         buffers=[*ctx.avals_in, *ctx.avals_out], cc=info.cc, call_name="mla_cupy_combine")
-    # out and lse (operands 3, 4) are updated in place: results 0, 1 are their buffers.
-    return _emit(ctx, operands, opaque, aliases={3: 0, 4: 1})
+    return _emit(ctx, operands, opaque)
 
 
 def _not_on_this_platform(ctx, *operands, **params):
@@ -360,7 +364,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         _check_cc(info)
         _decode_config(pb, info)
     q, k_cache, block_table, cache_seqlens, sched, num_splits = (jnp.asarray(x) for x in arrays)
-    out, lse, o_accum, lse_accum = _decode_p.bind(q, k_cache, block_table, cache_seqlens, sched, num_splits,
-                                                  problem=pb, device=info)
-    out, lse = _combine_p.bind(num_splits, o_accum, lse_accum, out, lse, problem=pb, device=info)
+    o_accum, lse_accum = _decode_p.bind(q, k_cache, block_table, cache_seqlens, sched, num_splits, problem=pb,
+                                        device=info)
+    out, lse = _combine_p.bind(num_splits, o_accum, lse_accum, problem=pb, device=info)
     return out, lse
