@@ -1,12 +1,13 @@
 """The experimental jax.jit route (mla_cupy.jax) without a GPU.
 
 * cpu: the flat argument lists follow the parameter structs; ``jax.eval_shape`` of both calls
-  and their argument checks (needs JAX, any backend).
-* compile: every flat entry point of kernels/jax_entry.cuh builds with NVRTC as PTX (the form the
-  route ships, its signature checked against the struct) and as sm_80 / sm_90a cubins with no
-  spills; the PTX goes through ptxas for sm_80 and sm_90a, as jaxlib's launcher does at run
-  time, where a ptxas is installed; lowering for CUDA emits the kernel-call custom calls, whose
-  payload is decoded here (needs JAX with its CUDA plugin, no GPU).
+  and their argument checks (needs JAX, any backend); the PTX goes through ptxas for sm_80 and
+  sm_90a, as jaxlib's launcher does at run time (where a ptxas is installed); lowering for CUDA
+  emits the kernel-call custom calls, whose payload is decoded here (needs JAX with its CUDA
+  plugin, no GPU). These skip, with the reason, where JAX or ptxas is missing.
+* compile (NVRTC only; nothing skips): every flat entry point of kernels/jax_entry.cuh builds
+  as PTX (the form the route ships, its signature checked against the struct) and as sm_80 /
+  sm_90a cubins with no spills.
 
 The GPU side (results against the float64 reference inside ``jax.jit``) is
 tests/test_jax_jit_gpu.py.
@@ -300,7 +301,7 @@ def find_ptxas():
     return shutil.which("ptxas")
 
 
-@pytest.mark.compile
+@pytest.mark.cpu  # needs ptxas or JAX (see the module docstring)
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_ptxas_builds_the_flat_ptx(repo_kernels, tmp_path, arch):
     """What jaxlib's launcher does with the PTX at run time (ptxas for the GPU's arch, sm_90a on
@@ -412,7 +413,7 @@ def lower_text(step, args):
     return jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.compile
+@pytest.mark.cpu  # needs ptxas or JAX (see the module docstring)
 @pytest.mark.parametrize("target", ["ffi", "legacy"])
 def test_lowering_for_cuda_emits_the_kernel_calls(mj, triton_lib, repo_kernels, monkeypatch, target):
     import jax.numpy as jnp
@@ -437,7 +438,7 @@ def test_lowering_for_cuda_emits_the_kernel_calls(mj, triton_lib, repo_kernels, 
     assert f"tensor<{expected_parts(H200, s_q * h_q, 1)}x8xi32>" in calls[0]
 
 
-@pytest.mark.compile
+@pytest.mark.cpu  # needs ptxas or JAX (see the module docstring)
 def test_kernel_call_payload(mj, triton_lib, repo_kernels):
     """Decode the payload the launcher reads: kernel, block, shared memory, grid, and the
     arguments of each call in the order of the flat entry's signature."""
