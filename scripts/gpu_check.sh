@@ -15,6 +15,7 @@
 #                              in the same machine session as the main table)
 #   GPU_CHECK_SANITIZE=1       also scripts/sanitize.sh (several minutes)
 #   GPU_CHECK_LONG_RUN=N       also scripts/long_run.py --calls N
+#   GPU_CHECK_EDGE=1           also scripts/edge_inputs.py (edge inputs beside FlashMLA)
 #   GPU_CHECK_BENCH_ARGS       benchmark options (default "--kernels auto,portable"), before
 #                              the command line's own
 #   MLA_CUPY_OUT_DIR           logs go there (gpu_tests_<kernel>.log, bench.txt, bench.jsonl,
@@ -126,6 +127,11 @@ if [[ -n ${GPU_CHECK_LONG_RUN:-} ]]; then
   section "long run: python scripts/long_run.py --calls $GPU_CHECK_LONG_RUN"
   python3 scripts/long_run.py --calls "$GPU_CHECK_LONG_RUN" 2>&1 | tee "$logs/long_run.txt"
   extra_lines+=("long_run.py (exit ${PIPESTATUS[0]}): $(tail -n 1 "$logs/long_run.txt")")
+fi
+if [[ ${GPU_CHECK_EDGE:-0} != 0 ]]; then
+  section "edge inputs: python scripts/edge_inputs.py"
+  python3 scripts/edge_inputs.py 2>&1 | tee "$logs/edge_inputs.txt"
+  extra_lines+=("edge_inputs.py (exit ${PIPESTATUS[0]}): $(tail -n 1 "$logs/edge_inputs.txt")")
 fi
 
 # Host cost per call (a few seconds).

@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import stat
 import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -150,3 +151,51 @@ def test_long_run_flatness(long_run):
     assert not ok and "host RSS +200.0 MiB" in text
     ok, _ = long_run.flat(samples((500,) * 4, (1000, 1000, 1000, 1100), (4000,) * 4), 400, 64)
     assert not ok
+
+
+@pytest.fixture(scope="module")
+def edge_inputs():
+    return _script("edge_inputs")
+
+
+def test_edge_cases_are_the_ones_asked_for(edge_inputs):
+    by_name = {c.name: c for c in edge_inputs.CASES}
+    assert len(by_name) == len(edge_inputs.CASES)
+    assert any(len(c.seqlens) == 0 for c in edge_inputs.CASES)
+    assert any(c.h_q == 1 for c in edge_inputs.CASES)  # h_q = h_kv (MLA: one KV head)
+    assert any(c.causal and c.seqlens and c.s_q > max(c.seqlens) for c in edge_inputs.CASES)
+    assert any(c.strided for c in edge_inputs.CASES)
+    assert any(c.zero_blocks and not any(c.seqlens) for c in edge_inputs.CASES)
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_edge_inputs_are_what_they_say(edge_inputs, index):
+    case = edge_inputs.CASES[index]
+    q, k_cache, table, seqlens = edge_inputs.make_inputs(case)
+    b = len(case.seqlens)
+    assert q.shape == (b, case.s_q, case.h_q, 576) and q.dtype.name == "bfloat16"
+    assert seqlens.tolist() == list(case.seqlens) and seqlens.dtype == np.int32 and table.dtype == np.int32
+    assert table.shape[0] == b and k_cache.shape[1:] == (64, 1, 576)
+    if case.strided:  # every other request of a batch twice as large: batch strides doubled
+        assert q.strides[0] == 2 * q[0].nbytes and table.strides[0] == 2 * table.shape[1] * 4
+    if case.zero_blocks:
+        assert k_cache.shape[0] == 0
+    # Every page a sequence reads is in the cache, its slots past the sequence NaN-free only
+    # where tokens are; the reference runs on them.
+    for r, n in enumerate(seqlens.tolist()):
+        for j in range(-(-n // 64)):
+            page = k_cache[table[r, j]].astype(np.float32)
+            count = min(64, n - 64 * j)
+            assert not np.isnan(page[:count]).any() and np.isnan(page[count:]).all()
+    out, lse = edge_inputs.reference(case, (q, k_cache, table, seqlens))
+    assert out.shape == (b, case.s_q, case.h_q, 512) and not np.isnan(out).any()
+
+
+def test_edge_inputs_without_a_gpu_says_so():
+    from mla_cupy.testing import gpu_status
+
+    if gpu_status()[0]:
+        pytest.skip("a GPU is present: scripts/edge_inputs.py would run the cases")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "edge_inputs.py")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert run.returncode == 2 and "edge_inputs: no NVIDIA driver or GPU found" in run.stdout, run.stdout + run.stderr
