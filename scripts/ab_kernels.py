@@ -22,7 +22,7 @@ def main(argv=None):
     import dataclasses
     import os
 
-    from mla_cupy import _compile, _sm90, bench
+    from mla_cupy import _sm90, bench
 
     parts = int(os.environ.get("AB_SM90_PARTS_PER_SM", "0"))
     if parts:
@@ -31,12 +31,19 @@ def main(argv=None):
             None if (c := supports(device, problem)) is None else dataclasses.replace(c, ctas_per_sm=parts))
         print(f"sm90 parts per SM: {parts}")
 
+    use_kernel_folder(folder)
+    print(f"kernel sources: {folder}")
+    return bench.main(argv[1:])
+
+
+def use_kernel_folder(folder):
+    """Make this process build its kernels from the sources in `folder` (a pathlib.Path)."""
+    from mla_cupy import _compile
+
     _compile._kernels_dir = lambda: folder
     for cached in (_compile.kernel_files, _compile._source_text, _compile.source_digest,
                    _compile.translation_unit):
         cached.cache_clear()
-    print(f"kernel sources: {folder}")
-    return bench.main(argv[1:])
 
 
 if __name__ == "__main__":

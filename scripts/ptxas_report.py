@@ -1,8 +1,11 @@
 """ptxas' resource report (registers, spills, shared memory) of each sm90 decode variant.
 
-Usage: ``python scripts/ptxas_report.py [substring]``: compiles every sm90 decode variant whose
-name holds the substring (all by default) for sm_90a, offline, and prints the report lines,
-with any wgmma waits ptxas had to inject and any wgmma serialization it reports.
+Usage: ``python scripts/ptxas_report.py [--kernels DIR] [substring]``: compiles every sm90
+decode variant whose name holds the substring (all by default) for sm_90a, offline, and prints
+the report lines, with any wgmma waits ptxas had to inject and any wgmma serialization it
+reports. ``--kernels DIR`` takes the kernel sources from DIR (as ``scripts/ab_kernels.py``
+does) instead of the package's: the way to check a kernel version kept in another folder (an
+editable install finds the checkout's own ``kernels/`` whatever the working directory).
 """
 
 import sys
@@ -11,7 +14,14 @@ from mla_cupy import _compile, _sm90
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--kernels"]:
+        import pathlib
+
+        from ab_kernels import use_kernel_folder
+
+        use_kernel_folder(pathlib.Path(argv[1]).resolve())
+        argv = argv[2:]
     pick = argv[0] if argv else ""
     for variant in _sm90.all_variants():
         if pick not in variant.name:
