@@ -59,10 +59,10 @@ def _spread_bytes(info, ctas):
     share an SM. A programmatic combine is scheduled while the decode still runs, onto SMs as
     they free; without a limit the first few SMs to free would take up to eight CTAs each, and a
     small grid (one long request: few CTAs, each merging many splits) would run on a few SMs."""
-    per_sm = -(-ctas // info.sms)
+    per_sm = max(1, -(-ctas // info.sms))
     if per_sm >= _MAX_CTAS_PER_SM:
         return 0
-    return info.smem_per_sm // (per_sm + 1) + 1 - _SMEM_RESERVED if per_sm > 0 else 0
+    return info.smem_per_sm // (per_sm + 1) + 1 - _SMEM_RESERVED
 
 
 # Fields of CombineParams written per launch, in struct order; the rest are fixed per plan.
