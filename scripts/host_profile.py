@@ -1,9 +1,10 @@
 """Host-side cost of one decode call: Python wall time per call, plain loop, no synchronisation.
 
 Measures ``flash_mla_with_kvcache`` with CuPy arrays, with torch tensors and with JAX arrays
-(each when the framework can be imported and sees the GPU), ``get_mla_metadata``, and, when the
-FlashMLA peer is present (``--peer``, default .peers/flashmla), FlashMLA's own call with torch
-tensors, all at b = 128, s_q 1, h_q 16, and prints a table against the targets.
+(each when the framework can be imported and sees the GPU), the same call jitted through
+``mla_cupy.jax``, ``get_mla_metadata``, and, when the FlashMLA peer is present (``--peer``,
+default .peers/flashmla), FlashMLA's own call with torch tensors, all at b = 128, s_q 1, h_q 16,
+and prints a table against the targets.
 
 Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/host_profile.py [--profile]
 """
@@ -101,6 +102,32 @@ def case_jax(mla, arrays):
     return call, sync
 
 
+def case_jax_jit(arrays):
+    """The JAX route inside ``jax.jit`` (``mla_cupy.jax``, the portable kernel): the host cost is
+    JAX's dispatch of the jitted step, with no mla_cupy Python per call."""
+    import jax
+    import jax.numpy as jnp
+
+    import mla_cupy.jax as mj
+    dev = jax.devices("gpu")[0]
+    q, kc, bt, sl = (jax.device_put(x, dev) for x in arrays)
+    q, kc = q.astype(jnp.bfloat16), kc.astype(jnp.bfloat16)
+    sched, ns = mj.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
+    step = jax.jit(lambda q, kc, bt, sl, sched, ns: mj.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns,
+                                                                              causal=True))
+    last = []
+
+    def call():
+        out = step(q, kc, bt, sl, sched, ns)
+        last[:] = [out]
+        return out
+
+    def sync():
+        if last:
+            jax.block_until_ready(last[0])
+    return call, sync
+
+
 def case_flashmla(path, torch_inputs):
     import torch
     if path not in sys.path:
@@ -183,6 +210,7 @@ def main(argv=None):
     measure(f"flash_mla_with_kvcache, torch ({shape})", TARGETS_US["torch"], make_torch)
     measure(f"flash_mla_with_kvcache, JAX ({shape})", TARGETS_US["jax"],
             lambda: case_jax(mla_cupy, arrays))
+    measure(f"mla_cupy.jax in jax.jit ({shape})", TARGETS_US["jax"], lambda: case_jax_jit(arrays))
     if os.path.isfile(os.path.join(args.peer, "flash_mla_interface.py")):
         if torch_case:
             measure(f"FlashMLA, torch ({shape}; reference)", None,
