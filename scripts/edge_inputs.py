@@ -102,33 +102,31 @@ def _judge(case, arrays, out, lse):
     return ("ok", "matches the reference") if report.passed else ("WRONG", " ".join(str(report).split())[:200])
 
 
-def run_one(library, case, peer):
-    """Runs `case` with `library` in this process; returns (verdict, detail)."""
-    arrays = make_inputs(case)
-    q, k_cache, table, seqlens = arrays
-    m = case.s_q * case.h_q
-    if library == "mla_cupy":
-        import cupy
+def _mla_cupy(case):
+    """(put, decode, to_host) for mla_cupy on CuPy arrays: `put` copies a NumPy array to the
+    GPU, `decode` runs the scheduler and the decode on device arrays and waits for them,
+    `to_host` turns (out, lse) into float32 NumPy arrays."""
+    import cupy
 
-        import mla_cupy
-        from mla_cupy.bench import _bf16_dtype
+    import mla_cupy
+    from mla_cupy.bench import _bf16_dtype
 
-        def put(x):
-            if x.dtype.name == "bfloat16":  # the bits, as CuPy's (or ml_dtypes') bfloat16
-                return cupy.asarray(np.ascontiguousarray(x).view(np.uint16)).view(_bf16_dtype(cupy))
-            return cupy.asarray(x)
+    def put(x):
+        if x.dtype.name == "bfloat16":  # the bits, as CuPy's (or ml_dtypes') bfloat16
+            return cupy.asarray(np.ascontiguousarray(x).view(np.uint16)).view(_bf16_dtype(cupy))
+        return cupy.asarray(x)
 
-        dev = [put(x) for x in (q, k_cache, table, seqlens)]
-        if case.strided:  # views with a doubled batch stride, as the arrays above
-            big_q, big_t = put(np.repeat(q, 2, axis=0)), put(np.repeat(table, 2, axis=0))
-            dev[0], dev[2] = big_q[::2], big_t[::2]
-        try:
-            sched, splits = mla_cupy.get_mla_metadata(dev[3], m, 1)
-            out, lse = mla_cupy.flash_mla_with_kvcache(*dev, DV, sched, splits, causal=case.causal)
-            cupy.cuda.runtime.deviceSynchronize()
-        except Exception as exc:  # noqa: BLE001 - the verdict
-            return "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-        return _judge(case, arrays, cupy.asnumpy(out).astype(np.float32), cupy.asnumpy(lse))
+    def decode(q, k_cache, table, seqlens):
+        sched, splits = mla_cupy.get_mla_metadata(seqlens, case.s_q * case.h_q, 1)
+        result = mla_cupy.flash_mla_with_kvcache(q, k_cache, table, seqlens, DV, sched, splits, causal=case.causal)
+        cupy.cuda.runtime.deviceSynchronize()
+        return result
+
+    return put, decode, lambda out, lse: (cupy.asnumpy(out).astype(np.float32), cupy.asnumpy(lse))
+
+
+def _flashmla(case, peer):
+    """(put, decode, to_host) for FlashMLA on torch tensors (see _mla_cupy)."""
     import torch
 
     if peer not in sys.path:
@@ -140,18 +138,29 @@ def run_one(library, case, peer):
             return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16).cuda()
         return torch.from_numpy(np.ascontiguousarray(x)).cuda()
 
-    dev = [put(x) for x in (q, k_cache, table, seqlens)]
-    if case.strided:
-        dev[0] = put(np.repeat(q, 2, axis=0))[::2]
-        dev[2] = put(np.repeat(table, 2, axis=0))[::2]
-    try:
+    def decode(q, k_cache, table, seqlens):
         sched, splits = fm.get_mla_metadata()
-        out, lse = fm.flash_mla_with_kvcache(dev[0], dev[1], dev[2], dev[3], DV, sched, splits, softmax_scale=D ** -0.5,
-                                             causal=case.causal)
+        result = fm.flash_mla_with_kvcache(q, k_cache, table, seqlens, DV, sched, splits, softmax_scale=D ** -0.5,
+                                           causal=case.causal)
         torch.cuda.synchronize()
+        return result
+
+    return put, decode, lambda out, lse: (out.float().cpu().numpy(), lse.float().cpu().numpy())
+
+
+def run_one(library, case, peer):
+    """Runs `case` with `library` in this process; returns (verdict, detail)."""
+    arrays = make_inputs(case)
+    put, decode, to_host = _mla_cupy(case) if library == "mla_cupy" else _flashmla(case, peer)
+    q, k_cache, table, seqlens = arrays
+    dev = [put(x) for x in arrays]
+    if case.strided:  # views with a doubled batch stride, as the arrays above
+        dev[0], dev[2] = put(np.repeat(q, 2, axis=0))[::2], put(np.repeat(table, 2, axis=0))[::2]
+    try:
+        out, lse = decode(*dev)
     except Exception as exc:  # noqa: BLE001 - the verdict
         return "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
-    return _judge(case, arrays, out.float().cpu().numpy(), lse.float().cpu().numpy())
+    return _judge(case, arrays, *to_host(out, lse))
 
 
 def _still_usable(library, peer):

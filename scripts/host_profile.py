@@ -82,39 +82,24 @@ def case_torch(mla, arrays):
     return call, (q, kc, bt, sl), torch.cuda.synchronize
 
 
-def case_jax(mla, arrays):
+def case_jax(mla, arrays, jit=False):
+    """JAX arrays through the eager call, or (`jit`) the same call through ``mla_cupy.jax``
+    inside ``jax.jit`` (the portable kernel): there the host cost is JAX's dispatch of the
+    jitted step, with no mla_cupy Python per call."""
     import jax
     import jax.numpy as jnp
     dev = jax.devices("gpu")[0]
     q, kc, bt, sl = (jax.device_put(x, dev) for x in arrays)
     q, kc = q.astype(jnp.bfloat16), kc.astype(jnp.bfloat16)
-    sched, ns = mla.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
-    last = []
+    api = mla
+    if jit:
+        import mla_cupy.jax as api
+    sched, ns = api.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
 
-    def call():
-        out = mla.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns, causal=True)
-        last[:] = [out]
-        return out
-
-    def sync():
-        if last:
-            jax.block_until_ready(last[0])
-    return call, sync
-
-
-def case_jax_jit(arrays):
-    """The JAX route inside ``jax.jit`` (``mla_cupy.jax``, the portable kernel): the host cost is
-    JAX's dispatch of the jitted step, with no mla_cupy Python per call."""
-    import jax
-    import jax.numpy as jnp
-
-    import mla_cupy.jax as mj
-    dev = jax.devices("gpu")[0]
-    q, kc, bt, sl = (jax.device_put(x, dev) for x in arrays)
-    q, kc = q.astype(jnp.bfloat16), kc.astype(jnp.bfloat16)
-    sched, ns = mj.get_mla_metadata(sl, S_Q * H_Q // H_KV, H_KV)
-    step = jax.jit(lambda q, kc, bt, sl, sched, ns: mj.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns,
-                                                                              causal=True))
+    def step(q, kc, bt, sl, sched, ns):
+        return api.flash_mla_with_kvcache(q, kc, bt, sl, DV, sched, ns, causal=True)
+    if jit:
+        step = jax.jit(step)
     last = []
 
     def call():
@@ -210,7 +195,7 @@ def main(argv=None):
     measure(f"flash_mla_with_kvcache, torch ({shape})", TARGETS_US["torch"], make_torch)
     measure(f"flash_mla_with_kvcache, JAX ({shape})", TARGETS_US["jax"],
             lambda: case_jax(mla_cupy, arrays))
-    measure(f"mla_cupy.jax in jax.jit ({shape})", TARGETS_US["jax"], lambda: case_jax_jit(arrays))
+    measure(f"mla_cupy.jax in jax.jit ({shape})", TARGETS_US["jax"], lambda: case_jax(mla_cupy, arrays, jit=True))
     if os.path.isfile(os.path.join(args.peer, "flash_mla_interface.py")):
         if torch_case:
             measure(f"FlashMLA, torch ({shape}; reference)", None,
