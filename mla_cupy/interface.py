@@ -335,13 +335,18 @@ def _import(named, stream):
 # calls on that stream (stream order makes the sharing safe); the per-thread default stream,
 # one address for a different stream in each thread, has one per thread (_key).
 #
-# What is kept: a buffer that is outgrown is dropped, and CuPy's pool takes its memory back (the
-# pool reuses memory only for allocations on the stream it was allocated for, which _allocate
-# makes the workspace's own stream, so work still queued there cannot see it reused), unless a
-# CUDA graph may use it: a buffer handed out while its stream was capturing, or outgrown during
-# a capture, is kept for the life of the process (_retired), since the graph can be replayed at
-# any time. At most _MAX_WORKSPACES streams keep a buffer; past that, the least recently grown
-# one no capture has seen is dropped (a later call on its stream allocates a new one).
+# Calls captured into CUDA graphs get a buffer of their own per stream (the stream's "graph"
+# workspace), apart from the one its eager calls share: a graph replayed on any stream, while
+# eager calls run on its capture stream, never writes the buffer they use. Graphs captured on
+# one stream share that stream's graph workspace, so they must not be replayed at the same time.
+#
+# What is kept: an eager buffer that is outgrown is dropped, and CuPy's pool takes its memory
+# back (the pool reuses memory only for allocations on the stream it was allocated for, which
+# _allocate makes the workspace's own stream, so work still queued there cannot see it reused).
+# A graph buffer that is outgrown is kept for the life of the process (_retired), since the
+# graphs that use it can be replayed at any time. At most _MAX_WORKSPACES eager buffers are
+# kept; past that, the least recently grown one is dropped (a later call on its stream
+# allocates a new one).
 #
 # Out of memory: a new buffer is asked for with half again the size needed (so that slowly
 # growing shapes do not reallocate every call), then, failing that, with exactly the size
@@ -351,8 +356,8 @@ def _import(named, stream):
 
 
 class _Workspace:
-    """One stream's buffer: its address, its size in fp32 elements, and whether it was handed
-    out while the stream was capturing a CUDA graph."""
+    """One stream's buffer: its address, its size in fp32 elements, and whether it is a graph
+    workspace (handed out only while the stream was capturing a CUDA graph)."""
 
     __slots__ = ("buffer", "base", "size", "captured")
 
@@ -360,7 +365,7 @@ class _Workspace:
         self.buffer, self.base, self.size, self.captured = buffer, buffer.data.ptr, buffer.size, False
 
 
-_workspaces = {}  # (device, stream) -> _Workspace, least recently grown first
+_workspaces = {}  # _key(...) -> _Workspace, least recently grown first
 _retired = []  # outgrown buffers a CUDA graph may use
 _MAX_WORKSPACES = 64
 _workspace_lock = threading.Lock()
@@ -369,46 +374,41 @@ _workspace_lock = threading.Lock()
 _PER_THREAD_STREAM = 2  # cudaStreamPerThread: one address, a different stream in each thread
 
 
-def _key(device_id, stream):
-    """The _workspaces key of stream `stream` (an address) on device `device_id`: the per-thread
-    default stream has one address for every thread, so its key also names the thread."""
-    if stream == _PER_THREAD_STREAM:
-        return device_id, stream, threading.get_ident()
-    return device_id, stream
+def _key(device_id, stream, graph=False):
+    """The _workspaces key of stream `stream` (an address) on device `device_id`, for its eager
+    calls or (`graph`) for its calls captured into CUDA graphs: the per-thread default stream
+    has one address for every thread, so its key also names the thread."""
+    key = (device_id, stream, threading.get_ident()) if stream == _PER_THREAD_STREAM else (device_id, stream)
+    return (*key, "graph") if graph else key
 
 
 def _workspace(device_id, stream, rows, dv):
     """Device pointers of o_accum [rows, dv] and lse_accum [rows] (fp32) for stream `stream` (an
     address) of device `device_id`, the current device, and the buffer holding them: the caller
     keeps it until its kernels are queued, in case another thread drops the buffer meanwhile."""
-    key = _key(device_id, stream)
+    graph = _capturing(stream)
+    key = _key(device_id, stream, graph)
     ws = _workspaces.get(key)
     if ws is None or ws.size < rows * (dv + 1):
         try:
-            ws = _grow(device_id, stream, rows * (dv + 1))
+            ws = _grow(device_id, stream, rows * (dv + 1), key, graph)
         except MemoryError as exc:
             raise workspace_out_of_memory_error(device_id, rows, dv, exc) from exc
-    if not ws.captured and _capturing(stream):
-        ws.captured = True
-        if _workspaces.get(key) is not ws:  # dropped by another thread meanwhile
-            _retire(ws.buffer)
     return ws.base, ws.base + rows * dv * 4, ws.buffer
 
 
-def _grow(device_id, stream, need):
-    """A buffer of at least `need` elements for (device_id, stream), replacing the stream's
-    smaller one (see above for what happens to that one)."""
-    key = _key(device_id, stream)
+def _grow(device_id, stream, need, key, graph):
+    """A buffer of at least `need` elements for `key` (stream `stream` of `device_id`, a graph
+    workspace if `graph`), replacing its smaller one (see above for what happens to that one)."""
     with _workspace_lock:
         old = _workspaces.get(key)
         if old is not None and old.size >= need:  # grown by another thread meanwhile
             return old
-        capturing = _capturing(stream)
-        _drop(key, keep=capturing)  # first, so that the pool may reuse its memory right away
+        _drop(key)  # first, so that the pool may reuse its memory right away
         excess = len(_workspaces) + 1 - _MAX_WORKSPACES
-        if excess > 0 and not capturing:  # a capture must not free memory (no pool: a cudaFree)
+        if excess > 0 and not graph:  # a capture must not free memory (no pool: a cudaFree)
             for other in [k for k, w in _workspaces.items() if not w.captured][:excess]:
-                _drop(other, keep=False)
+                _drop(other)
         try:
             buffer = _allocate(device_id, stream, need + need // 2)
         except MemoryError:
@@ -416,15 +416,15 @@ def _grow(device_id, stream, need):
         if buffer is None:  # outside the except clause, so that a second failure is not chained to it
             buffer = _allocate(device_id, stream, need)
         ws = _Workspace(buffer)
-        ws.captured = capturing
+        ws.captured = graph
         _workspaces[key] = ws
         return ws
 
 
-def _drop(key, keep):
-    """Take `key`'s workspace out; its buffer is freed unless `keep` or a capture has seen it."""
+def _drop(key):
+    """Take `key`'s workspace out; its buffer is freed unless it is a graph workspace."""
     ws = _workspaces.pop(key, None)
-    if ws is not None and (keep or ws.captured):  # .captured read after the pop (see _workspace)
+    if ws is not None and ws.captured:
         _retire(ws.buffer)
 
 

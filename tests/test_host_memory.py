@@ -1,6 +1,7 @@
 """What mla_cupy keeps between calls, without a GPU: the signature caches are bounded and drop
-the least recently used entry, and the split-KV workspace keeps an outgrown buffer only when a
-CUDA graph may use it.
+the least recently used entry, and the split-KV workspace gives calls captured into CUDA graphs
+a buffer of their own, apart from the eager calls', and keeps an outgrown buffer only when a
+graph may use it.
 
 The workspace's allocation and the stream-capture query are replaced by stand-ins here;
 tests/test_concurrency_gpu.py runs the real ones on a GPU.
@@ -95,8 +96,8 @@ def fake_gpu(monkeypatch):
     return state
 
 
-def _buffer(device_id, stream):
-    return interface._workspaces[(device_id, stream)].buffer
+def _buffer(device_id, stream, graph=False):
+    return interface._workspaces[interface._key(device_id, stream, graph)].buffer
 
 
 def test_pointers_and_reuse(fake_gpu):
@@ -156,28 +157,42 @@ def test_alternating_shapes_do_not_grow_the_workspace(fake_gpu):
     assert interface._retired == []
 
 
-def test_buffer_handed_out_during_a_capture_is_kept(fake_gpu):
-    interface._workspace(0, 7, 10, 512)
+def test_captured_calls_get_a_buffer_of_their_own(fake_gpu):
+    eager = interface._workspace(0, 7, 10, 512)
     fake_gpu.capturing.add(7)
-    pointers = interface._workspace(0, 7, 10, 512)  # captured into a graph
-    captured = _buffer(0, 7)
-    assert interface._workspaces[(0, 7)].captured
+    captured = interface._workspace(0, 7, 10, 512)  # into a graph
+    assert captured[0] != eager[0] and captured[2] is _buffer(0, 7, graph=True)
+    assert interface._workspaces[interface._key(0, 7, graph=True)].captured
+    assert interface._workspace(0, 7, 4, 512)[2] is captured[2]  # a second captured call: reused
     fake_gpu.capturing.clear()
-    interface._workspace(0, 7, 1000, 512)  # eager, outgrows it
-    assert _buffer(0, 7) is not captured
-    assert interface._retired == [captured] and captured.data.ptr == pointers[0]
-    # The new buffer has not been seen by a capture: outgrowing it frees it.
-    interface._workspace(0, 7, 10000, 512)
-    assert interface._retired == [captured]
+    # Eager calls on the capture stream keep using their own buffer: a replay of the graph on
+    # any stream never writes it.
+    assert interface._workspace(0, 7, 10, 512) == eager
+    assert len(fake_gpu.allocations) == 2 and interface._retired == []
 
 
-def test_buffer_outgrown_during_a_capture_is_kept(fake_gpu):
+def test_graph_buffer_outgrown_is_kept_and_eager_one_freed(fake_gpu):
     interface._workspace(0, 7, 10, 512)
-    eager = _buffer(0, 7)
+    eager = weakref.ref(_buffer(0, 7))
     fake_gpu.capturing.add(7)
-    interface._workspace(0, 7, 100, 512)
-    assert interface._retired == [eager]
-    assert interface._workspaces[(0, 7)].captured
+    interface._workspace(0, 7, 10, 512)
+    first_graph_buffer = _buffer(0, 7, graph=True)
+    interface._workspace(0, 7, 100, 512)  # a later capture needs more: the first graph may still replay
+    assert interface._retired == [first_graph_buffer] and _buffer(0, 7, graph=True) is not first_graph_buffer
+    fake_gpu.capturing.clear()
+    interface._workspace(0, 7, 1000, 512)  # eager, outgrows its own buffer: freed
+    gc.collect()
+    assert eager() is None and interface._retired == [first_graph_buffer]
+
+
+def test_per_thread_default_stream_graph_buffers_are_per_thread(fake_gpu):
+    fake_gpu.capturing.add(interface._PER_THREAD_STREAM)
+    here = interface._workspace(0, interface._PER_THREAD_STREAM, 10, 512)[0]
+    there = []
+    t = threading.Thread(target=lambda: there.append(interface._workspace(0, interface._PER_THREAD_STREAM, 10, 512)[0]))
+    t.start()
+    t.join()
+    assert there[0] != here and len(fake_gpu.allocations) == 2
 
 
 def test_streams_past_the_limit_drop_the_least_recently_grown(fake_gpu, monkeypatch):
@@ -187,26 +202,11 @@ def test_streams_past_the_limit_drop_the_least_recently_grown(fake_gpu, monkeypa
     fake_gpu.capturing.clear()
     for stream in (2, 3, 4, 5):
         interface._workspace(0, stream, 10, 512)
-    assert list(interface._workspaces) == [(0, 1), (0, 4), (0, 5)]
+    assert list(interface._workspaces) == [(0, 1, "graph"), (0, 4), (0, 5)]
     interface._workspace(0, 4, 100, 512)  # regrown: now the most recent
     interface._workspace(0, 6, 10, 512)
-    assert list(interface._workspaces) == [(0, 1), (0, 4), (0, 6)]
+    assert list(interface._workspaces) == [(0, 1, "graph"), (0, 4), (0, 6)]
     assert interface._retired == []
-
-
-def test_capture_on_a_dropped_buffer_keeps_it(fake_gpu, monkeypatch):
-    # Another thread drops the stream's entry between this call's lookup and its capture query:
-    # the buffer the graph gets must be kept all the same.
-    interface._workspace(0, 7, 10, 512)
-    buffer = _buffer(0, 7)
-
-    def capturing_after_a_drop(stream):
-        interface._drop((0, stream), keep=False)
-        return True
-
-    monkeypatch.setattr(interface, "_capturing", capturing_after_a_drop)
-    pointers = interface._workspace(0, 7, 10, 512)
-    assert pointers[0] == buffer.data.ptr and interface._retired == [buffer]
 
 
 def test_capture_query_errors_count_as_capturing(monkeypatch):

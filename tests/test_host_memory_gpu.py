@@ -1,7 +1,9 @@
 """GPU lane of what mla_cupy keeps between calls (tests/test_host_memory.py has the rules
 without a GPU): the split-KV workspace stops growing once it fits the largest shape, an outgrown
-buffer goes back to CuPy's pool unless a CUDA graph captured it, and a graph replayed after its
-buffer was outgrown still gives the right answer.
+buffer goes back to CuPy's pool, a CUDA graph's calls get a buffer of their own (kept), a graph
+replayed after the stream's eager buffer was outgrown still gives the right answer, and a graph
+replayed on another stream while eager calls run on its capture stream does not mix their
+partial results.
 """
 
 import numpy as np
@@ -42,7 +44,8 @@ def _call(inp, dev, **kwargs):
 def _fresh_stream():
     """A new stream, with no workspace left under its address by a destroyed one."""
     stream = cupy.cuda.Stream(non_blocking=True)
-    interface._drop((cupy.cuda.runtime.getDevice(), stream.ptr), keep=False)
+    for graph in (False, True):
+        interface._drop(interface._key(cupy.cuda.runtime.getDevice(), stream.ptr, graph))
     return stream
 
 
@@ -52,8 +55,8 @@ def _check(inp, out, lse, msg):
     assert_mla_close(out, lse, out_ref, lse_ref, std=inp.std, msg=f"{msg}, seed {inp.seed}")
 
 
-def _entry(stream):
-    return interface._workspaces[(cupy.cuda.runtime.getDevice(), stream.ptr)]
+def _entry(stream, graph=False):
+    return interface._workspaces[interface._key(cupy.cuda.runtime.getDevice(), stream.ptr, graph)]
 
 
 def test_workspace_does_not_grow_across_alternating_shapes():
@@ -111,14 +114,14 @@ def test_graph_replay_after_its_workspace_was_outgrown():
     with stream:
         for _ in range(2):  # kernels loaded and the workspace made outside the capture
             _call(inp, dev, out=out, lse=lse)
+        eager = _entry(stream)
         stream.begin_capture()
         kept = _call(inp, dev, out=out, lse=lse)  # the graph reads this schedule: kept to the end
         graph = stream.end_capture()
-        captured = _entry(stream)
-        assert captured.captured
-        big_out, big_lse, _ = _call(*large)  # eager, outgrows the captured buffer
-        assert _entry(stream) is not captured
-        assert any(b is captured.buffer for b in interface._retired)
+        captured = _entry(stream, graph=True)
+        assert captured.captured and captured.buffer is not eager.buffer
+        big_out, big_lse, _ = _call(*large)  # eager, outgrows the stream's eager buffer
+        assert _entry(stream) is not eager and _entry(stream, graph=True) is captured
         # Whatever the pool hands out on this stream now must not be the captured buffer.
         junk = [cupy.full(captured.buffer.size, np.nan, dtype=cupy.float32) for _ in range(4)]
         out.fill(0)
@@ -129,6 +132,32 @@ def test_graph_replay_after_its_workspace_was_outgrown():
     del graph, kept
     _check(inp, out, lse, "graph replay after the workspace grew")
     _check(large[0], big_out, big_lse, "the call that grew it")
+
+
+def test_graph_replayed_on_another_stream_while_eager_calls_run_on_its_capture_stream():
+    # Both split their work (3 requests over every SM), so both use a workspace all the time.
+    seed = _seed()
+    (g_inp, g_dev), (e_inp, e_dev) = _problem(3, 1, seed, 3000), _problem(3, 1, seed + 1, 3000)
+    out = cupy.empty((*g_inp.q.shape[:3], DV), dtype=g_dev[0].dtype)
+    lse = cupy.empty((g_inp.q.shape[0], H_Q, 1), dtype=cupy.float32)
+    capture, replay = _fresh_stream(), _fresh_stream()
+    with capture:
+        _call(g_inp, g_dev, out=out, lse=lse)  # kernels loaded outside the capture
+        capture.begin_capture()
+        kept = _call(g_inp, g_dev, out=out, lse=lse)
+        graph = capture.end_capture()
+        capture.synchronize()
+    eager = []
+    for _ in range(20):  # the graph on `replay` and eager calls on `capture`, overlapping
+        graph.launch(replay)
+        with capture:
+            eager.append(_call(e_inp, e_dev)[:2])
+    replay.synchronize()
+    capture.synchronize()
+    del graph, kept
+    _check(g_inp, out, lse, "graph replayed on another stream")
+    for e_out, e_lse in eager[-3:]:
+        _check(e_inp, e_out, e_lse, "eager calls on the capture stream meanwhile")
 
 
 def test_many_streams_keep_a_bounded_number_of_workspaces():
