@@ -8,6 +8,7 @@ is simply the outermost coordinate. Encoding costs ~10 µs; each sm90 launch pla
 maps of the k_cache addresses it has seen (``_sm90.DecodeLaunch``).
 """
 
+import contextlib
 import ctypes
 import functools
 
@@ -23,6 +24,7 @@ _INTERLEAVE_NONE = 0
 _OOB_FILL_NONE = 0
 
 TMA_BOX_COLUMNS = 64  # 64 16-bit elements = one 128-byte swizzle row
+_CAPTURE_MODE_RELAXED = 2  # CUstreamCaptureMode
 
 
 @functools.cache
@@ -60,3 +62,19 @@ def encode_kv_map(ptr, shape, strides, dtype_name, page_box):
         raise UnsupportedDeviceError(
             f"k_cache: cuTensorMapEncodeTiled failed (CUresult {rc}) for shape {shape}, strides {strides}")
     return buf
+
+
+@contextlib.contextmanager
+def relaxed_capture_mode():
+    """This thread in the relaxed stream-capture mode for the duration of the block: memory may
+    then be allocated (``cudaMalloc``) while a stream captures a CUDA graph, which the global
+    mode (torch's and CuPy's default for a capture) forbids."""
+    exchange = _libcuda().cuThreadExchangeStreamCaptureMode
+    mode = ctypes.c_int(_CAPTURE_MODE_RELAXED)
+    status = exchange(ctypes.byref(mode))
+    if status:
+        raise RuntimeError(f"cuThreadExchangeStreamCaptureMode failed (CUresult {status})")
+    try:
+        yield
+    finally:
+        exchange(ctypes.byref(mode))  # the mode this thread had before

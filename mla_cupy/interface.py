@@ -8,13 +8,14 @@ decode step can be captured in a CUDA graph.
 """
 
 import collections
+import contextlib
 import logging
 import threading
 import time
 
 import numpy as np
 
-from . import _compile, _launch, _metadata, _params, _select, _validate
+from . import _compile, _driver, _launch, _metadata, _params, _select, _validate
 from ._errors import UnsupportedDeviceError, no_gpu_error, no_gpu_reason, workspace_out_of_memory_error
 from .support import MIN_COMPUTE_CAPABILITY
 
@@ -410,11 +411,11 @@ def _grow(device_id, stream, need, key, graph):
             for other in [k for k, w in _workspaces.items() if not w.captured][:excess]:
                 _drop(other)
         try:
-            buffer = _allocate(device_id, stream, need + need // 2)
+            buffer = _allocate(device_id, stream, need + need // 2, graph)
         except MemoryError:
             buffer = None
         if buffer is None:  # outside the except clause, so that a second failure is not chained to it
-            buffer = _allocate(device_id, stream, need)
+            buffer = _allocate(device_id, stream, need, graph)
         ws = _Workspace(buffer)
         ws.captured = graph
         _workspaces[key] = ws
@@ -433,20 +434,23 @@ def _retire(buffer):
         _retired.append(buffer)
 
 
-def _allocate(device_id, stream, n):
+def _allocate(device_id, stream, n, graph=False):
     """A new fp32 CuPy array of `n` elements on device `device_id` (the current one), allocated
     with stream `stream` current, so that CuPy's pool reuses its memory, once it is dropped,
-    only for that stream's allocations."""
+    only for that stream's allocations. `graph`: the stream is capturing a CUDA graph; the
+    allocation is then made in the relaxed capture mode (a capture in the global mode, torch's
+    default, forbids the cudaMalloc behind it)."""
     import cupy
 
-    current = cupy.cuda.get_current_stream(device_id)
-    if current.ptr == stream:
-        return cupy.empty((n,), dtype=np.float32)
-    cupy.cuda.ExternalStream(stream, device_id).use()
-    try:
-        return cupy.empty((n,), dtype=np.float32)
-    finally:
-        current.use()
+    with _driver.relaxed_capture_mode() if graph else contextlib.nullcontext():
+        current = cupy.cuda.get_current_stream(device_id)
+        if current.ptr == stream:
+            return cupy.empty((n,), dtype=np.float32)
+        cupy.cuda.ExternalStream(stream, device_id).use()
+        try:
+            return cupy.empty((n,), dtype=np.float32)
+        finally:
+            current.use()
 
 
 def _capturing(stream):

@@ -82,13 +82,14 @@ class FakeBuffer:
 def fake_gpu(monkeypatch):
     """Fresh workspace state; allocations recorded, and the streams in `capturing` capture."""
     state = type("State", (), {})()
-    state.allocations, state.capturing = [], set()
+    state.allocations, state.capturing, state.relaxed = [], set(), []
     monkeypatch.setattr(interface, "_workspaces", {})
     monkeypatch.setattr(interface, "_retired", [])
 
-    def allocate(device_id, stream, n):
+    def allocate(device_id, stream, n, graph=False):
         buffer = FakeBuffer(n)
         state.allocations.append((device_id, stream, n))
+        state.relaxed.append(graph)  # made in the relaxed capture mode
         return buffer
 
     monkeypatch.setattr(interface, "_allocate", allocate)
@@ -169,6 +170,7 @@ def test_captured_calls_get_a_buffer_of_their_own(fake_gpu):
     # any stream never writes it.
     assert interface._workspace(0, 7, 10, 512) == eager
     assert len(fake_gpu.allocations) == 2 and interface._retired == []
+    assert fake_gpu.relaxed == [False, True]  # the capture's allocation may call cudaMalloc
 
 
 def test_graph_buffer_outgrown_is_kept_and_eager_one_freed(fake_gpu):
@@ -217,3 +219,24 @@ def test_capture_query_errors_count_as_capturing(monkeypatch):
     assert interface._capturing(0) is True
     monkeypatch.setattr(interface, "_is_capturing", lambda stream: False)
     assert interface._capturing(0) is False
+
+
+def test_relaxed_capture_mode_sets_and_restores_the_threads_mode(monkeypatch):
+    from mla_cupy import _driver
+
+    modes = [0]  # this thread's capture mode: global
+
+    def exchange(mode_ref):
+        mode = mode_ref._obj
+        mode.value, modes[0] = modes[0], mode.value
+        return 0
+
+    seen = []
+    fake = type("LibCuda", (), {"cuThreadExchangeStreamCaptureMode": staticmethod(exchange)})()
+    monkeypatch.setattr(_driver, "_libcuda", lambda: fake)
+    with _driver.relaxed_capture_mode():
+        seen.append(modes[0])
+    assert seen == [_driver._CAPTURE_MODE_RELAXED] and modes == [0]
+    with pytest.raises(KeyError), _driver.relaxed_capture_mode():
+        raise KeyError("inside")
+    assert modes == [0]  # restored when the block raises too

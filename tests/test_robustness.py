@@ -226,7 +226,7 @@ def small_gpu(monkeypatch):
     monkeypatch.setattr(interface, "_retired", [])
     monkeypatch.setattr(interface, "_capturing", lambda stream: False)
 
-    def allocate(device_id, stream, n):
+    def allocate(device_id, stream, n, graph=False):
         if 4 * n > state.free:
             state.refused.append(n)
             raise _cupy_oom(4 * n, 1 << 30)
