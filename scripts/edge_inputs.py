@@ -134,9 +134,15 @@ def _flashmla(case, peer):
     import flash_mla_interface as fm
 
     def put(x):
+        host = np.ascontiguousarray(x)
         if x.dtype.name == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16).cuda()
-        return torch.from_numpy(np.ascontiguousarray(x)).cuda()
+            src = torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
+        else:
+            src = torch.from_numpy(host)
+        # The strides torch gives a new tensor, also one without elements (FlashMLA checks that
+        # the last dimension is contiguous, stride 1, which NumPy's strides of an empty array
+        # need not be).
+        return torch.empty(src.shape, dtype=src.dtype, device="cuda").copy_(src)
 
     def decode(q, k_cache, table, seqlens):
         sched, splits = fm.get_mla_metadata()
