@@ -19,6 +19,9 @@
 //                last three column chunks are held in registers (wgmma A fragments), so Q K^T
 //                reads A from shared memory for the other chunks only.
 //   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
+//   With at most 16 query rows (NQ = 16) the consumers run the transposed form instead
+//   (consume_transposed: S^T = K Q^T and O^T += V^T P^T, the tokens on the wgmma M side, no
+//   padding of the rows to 64).
 //
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
 // SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B], KV stages
@@ -203,6 +206,51 @@ MLA_DEVICE void wgmma_rs<32, false>(float* d, const uint32_t* a, uint64_t db, in
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 }
 
+// ---- wgmma instantiations of the transposed form (m64n16 SS, and SS with A transposed,
+// MN-major): S^T = K Q^T and O^T += V^T P^T for at most 16 query rows ----
+template <int N, bool IsBf16>
+MLA_DEVICE void wgmma_ss_ta(float* d, uint64_t da, uint64_t db, int accumulate);
+
+template <>
+MLA_DEVICE void wgmma_ss<16, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_ss<16, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_ss_ta<16, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <>
+MLA_DEVICE void wgmma_ss_ta<16, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
 // ---- the kernel -------------------------------------------------------------------------------------
 // PAGE_BOX: tokens per TMA box, min(page_size, 64); a 64-token tile takes 64 / PAGE_BOX boxes
 // per column chunk (one page each when pages are smaller than a tile).
@@ -237,7 +285,291 @@ struct DecodeTraits {
   static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 256 <= 65536, "register file");
 };
 
-template <class Elem, int D, int DV, int PAGE_BOX>
+// a if c else b, as a select instruction: NVVM may turn a C++ conditional on a value ptxas
+// cannot prove uniform over the warpgroup into a branch, and a branch among wgmma accumulator
+// accesses makes ptxas serialize every wgmma of the kernel (C7520).
+MLA_DEVICE float select(bool c, float a, float b) {
+  float r;
+  asm("{\n.reg .pred q;\nsetp.ne.b32 q, %1, 0;\nselp.f32 %0, %2, %3, q;\n}\n" : "=f"(r) : "r"(int(c)), "f"(a), "f"(b));
+  return r;
+}
+
+// Lanes with g = 2 k and 2 k + 1 (lane and lane ^ 4) hold, for fragment rows 2 k and 2 k + 1, the
+// values v0 of column c and v1 of column c + 1. Returns the pair of rows (lo: row 2 k, hi: row
+// 2 k + 1) of column c in the even lane and of column c + 1 in the odd one: one 32-bit store each.
+MLA_DEVICE void pair_rows(float v0, float v1, bool odd, float& lo, float& hi) {
+  const float other = __shfl_xor_sync(0xffffffffu, select(odd, v0, v1), 4);
+  lo = select(odd, other, v0);
+  hi = select(odd, v1, other);
+}
+
+// ---- consumers of the transposed form (NQ = 16 query rows) ---------------------------------------
+// The row form (the kernel below) pads the m packed query rows to a 64-row wgmma tile: with
+// m <= 16, four times the matrix work. The transposed form puts the tile's 64 tokens on the M
+// side: S^T = K Q^T (wgmma m64n16: A the K tile, B Q's 16 rows, both K-major) and
+// O^T += V^T P^T (A the V columns read MN-major, B P^T from shared memory), without padding.
+// Both consumers compute the whole S^T and its softmax (the same numbers, so nothing passes
+// between them) and each accumulates its 256 output columns as 4 wgmma blocks of 64. The column
+// maxima and sums of S^T run over the M side: over the 8 lanes of a fragment column with
+// shuffles, then over the consumer's 4 warps through `scratch` (rows NQ.. of Q's first chunk,
+// which no wgmma reads): per consumer 2 x 4 x NQ maxima (by tile parity) and 4 x NQ sums.
+template <class Elem, int D, int DV, int PAGE_BOX, int NQ, class TokenRange>
+MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t sKV, uint32_t sP, uint32_t bars,
+                                   float* scratch, int begin_req, int end_req, int begin_split, int hk,
+                                   TokenRange token_range) {
+  using T = DecodeTraits<D, DV, PAGE_BOX>;
+  constexpr bool kBf16 = Elem::kIsBf16;
+  constexpr int NR = NQ / 2;     // accumulator registers of an m64nNQ fragment
+  constexpr int SLOTS = NQ / 4;  // query columns per thread: n = 8 (s / 2) + 2 t4 + s % 2
+  constexpr int OB = T::V_CHUNKS;  // 64-column blocks of O^T per consumer
+  // 32 columns would also work (m64n32 S^T, a wgmma_ss_ta<32>), but measured 6 % slower than
+  // the row form at 32 rows.
+  static_assert(NQ == 16, "transposed form: 16 query columns");
+  static_assert(2 * 12 * NQ * 4 <= (T::BM - NQ) * 128, "scratch fits in Q's first chunk past row NQ");
+  auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
+  auto empty_bar = [&](int stage) { return bars + uint32_t(T::STAGES * T::CHUNKS + stage) * 8u; };
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int cw = (warp >> 2) - 1, ctid = tid - 128, wtid = ctid & 127, w = warp & 3;
+  const int g = lane >> 2, t4 = lane & 3;
+  const bool odd = (g & 1) != 0;
+  float* red_max = scratch + cw * 12 * NQ;  // [2][4][NQ]
+  float* red_sum = red_max + 8 * NQ;        // [4][NQ]
+  const char* q_base = static_cast<const char*>(p.q);
+  // wgmma descriptor bases (stage 0): the K tile (A) and Q (B) for S^T, both K-major; this
+  // consumer's V columns read transposed (A, MN-major) and its P^T (B, K-major) for O^T.
+  const uint32_t sPc = sP + cw * (NQ * 128);
+  const uint64_t k_desc0 = make_desc(sKV, 16, 1024);
+  const uint64_t q_desc = make_desc(sQ, 16, 1024);
+  const uint64_t v_desc0 = make_desc(sKV + cw * OB * T::CHUNK_BYTES, T::CHUNK_BYTES, 1024);
+  const uint64_t p_desc = make_desc(sPc, 16, 1024);
+
+  float o[OB][NR];
+  float s[NR];
+  int it = 0;
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int seqlen = p.seqlens[req];
+    int tok_begin, tok_end;
+    const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
+    const int split_idx = req == begin_req ? begin_split : 0;
+    const int split_base = p.num_splits[req];
+    const bool whole = p.num_splits[req + 1] - split_base == 1;
+
+    named_barrier(1, 256);  // both consumers are done with sQ
+    for (int idx = ctid; idx < NQ * T::CHUNKS * 8; idx += 256) {
+      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
+      const bool valid = r < p.m;  // one row block: row0 = 0
+      const int i = valid ? r / p.ngroups : 0, gh = valid ? r % p.ngroups : 0;
+      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
+                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
+      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    named_barrier(1, 256);
+
+    float m_run[SLOTS], l_run[SLOTS];  // l_run: this thread's part of the column sums
+    int vis_end[SLOTS];
+#pragma unroll
+    for (int q = 0; q < SLOTS; ++q) {
+      const int n = 8 * (q >> 1) + 2 * t4 + (q & 1);
+      m_run[q] = neg_inf();
+      l_run[q] = 0.f;
+      vis_end[q] = p.causal ? seqlen - p.s_q + min(n, p.m - 1) / p.ngroups + 1 : seqlen;
+    }
+#pragma unroll
+    for (int b = 0; b < OB; ++b)
+#pragma unroll
+      for (int k = 0; k < NR; ++k) o[b][k] = 0.f;
+
+    // S^T over the tile in stage `stage`, issued chunk by chunk as the chunks land.
+    auto issue_s = [&](int stage, uint32_t phase) {
+      const uint64_t k_desc = desc_add(k_desc0, stage * T::STAGE_BYTES);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < T::CHUNKS; ++c) {
+        mbar_wait(full_bar(stage, c), phase);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_ss<NQ, kBf16>(s, desc_add(k_desc, c * T::CHUNK_BYTES + kk * 32),
+                              desc_add(q_desc, c * (T::BM * 128) + kk * 32), (c | kk) != 0);
+      }
+      wgmma_commit();
+    };
+#pragma unroll
+    for (int k = 0; k < NR; ++k) s[k] = 0.f;
+    if (n_tiles > 0) issue_s(it % T::STAGES, (it / T::STAGES) & 1);
+
+    for (int tile = 0; tile < n_tiles; ++tile, ++it) {
+      const int stage = it % T::STAGES;
+      const uint32_t sK = sKV + stage * T::STAGE_BYTES;
+      const int t0 = tok_begin + tile * T::BN;
+      wgmma_wait<0>();  // S^T of this tile complete (O^T of the previous one was waited for)
+      fence_regs<NR>(s);
+#pragma unroll
+      for (int b = 0; b < OB; ++b) fence_regs<NR>(o[b]);
+
+      // ---- V rows past the request's end hold no data of it (stale or NaN): zero the ones
+      // this consumer multiplies, before O^T reads them.
+      const int valid = seqlen - t0;
+      if (valid < T::BN) {
+        for (int idx = wtid; idx < OB * T::BN * 8; idx += 128) {
+          const int c = idx / (T::BN * 8), r = (idx >> 3) % T::BN, j = idx & 7;
+          if (r >= valid) {
+            const uint32_t a = sK + (cw * OB + c) * T::CHUNK_BYTES + r * 128 + j * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+          }
+        }
+        fence_async_smem();
+        named_barrier(2 + cw, 128);
+      }
+
+      // ---- mask, scale to log2 units, column maxima over the tile's 64 tokens ----------------
+      // s[4 j + 2 h + e]: token t0 + 16 w + g + 8 h, query column 8 j + 2 t4 + e.
+      const int tok0 = t0 + 16 * w + g;
+      float mx[SLOTS];
+#pragma unroll
+      for (int q = 0; q < SLOTS; ++q) mx[q] = neg_inf();
+#pragma unroll
+      for (int j = 0; j < NQ / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int q = 2 * j + e, tok = tok0 + 8 * h;
+            const bool ok = tok < tok_end && tok < vis_end[q];
+            float& v = s[4 * j + 2 * h + e];
+            v = select(ok, v * p.scale_log2, neg_inf());
+            mx[q] = fmaxf(mx[q], v);
+          }
+      float* rmax = red_max + (it & 1) * 4 * NQ;
+#pragma unroll
+      for (int q = 0; q < SLOTS; ++q) {
+        mx[q] = fmaxf(mx[q], __shfl_xor_sync(0xffffffffu, mx[q], 4));
+        mx[q] = fmaxf(mx[q], __shfl_xor_sync(0xffffffffu, mx[q], 8));
+        mx[q] = fmaxf(mx[q], __shfl_xor_sync(0xffffffffu, mx[q], 16));
+        if (g == 0) rmax[w * NQ + 8 * (q >> 1) + 2 * t4 + (q & 1)] = mx[q];
+      }
+      named_barrier(2 + cw, 128);
+      float m_use[SLOTS], alpha[SLOTS];
+#pragma unroll
+      for (int q = 0; q < SLOTS; ++q) {
+        const int n = 8 * (q >> 1) + 2 * t4 + (q & 1);
+        const float m_tile = fmaxf(fmaxf(rmax[n], rmax[NQ + n]), fmaxf(rmax[2 * NQ + n], rmax[3 * NQ + n]));
+        const float m_new = fmaxf(m_run[q], m_tile);
+        m_use[q] = m_new == neg_inf() ? 0.f : m_new;  // a column with nothing visible yet stays at zero
+        alpha[q] = fast_exp2(m_run[q] - m_use[q]);
+        m_run[q] = m_new;
+        l_run[q] *= alpha[q];
+      }
+
+      // ---- P^T = exp2(S^T - m) into this consumer's buffer: row n (query column), 64 tokens ----
+#pragma unroll
+      for (int j = 0; j < NQ / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float v[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            v[e] = fast_exp2(s[4 * j + 2 * h + e] - m_use[2 * j + e]);
+            l_run[2 * j + e] += v[e];
+          }
+          float lo, hi;
+          pair_rows(v[0], v[1], odd, lo, hi);
+          const int n = 8 * j + 2 * t4 + (odd ? 1 : 0), tok = 16 * w + (g & ~1) + 8 * h;
+          const uint32_t a = sPc + n * 128 + (((tok >> 3) ^ (n & 7)) << 4) + (tok & 7) * 2;
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(pack2<kBf16>(lo, hi)) : "memory");
+        }
+      fence_async_smem();
+
+      // ---- rescale O^T where a column maximum moved ------------------------------------------
+      bool moved = false;
+#pragma unroll
+      for (int q = 0; q < SLOTS; ++q) moved |= alpha[q] != 1.f;
+      if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+        for (int b = 0; b < OB; ++b)
+#pragma unroll
+          for (int k = 0; k < NR; ++k) o[b][k] *= alpha[2 * (k >> 2) + (k & 1)];
+      }
+      named_barrier(2 + cw, 128);  // P^T of the consumer's 4 warps is in shared memory
+
+      // ---- O^T[256 cw : 256 cw + 256, :] += V^T P^T ----------------------------------------------
+      const uint64_t v_desc = desc_add(v_desc0, stage * T::STAGE_BYTES);
+      wgmma_fence();
+#pragma unroll
+      for (int b = 0; b < OB; ++b)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_ss_ta<NQ, kBf16>(o[b], desc_add(v_desc, b * T::CHUNK_BYTES + kk * 16 * 128), desc_add(p_desc, kk * 32), 1);
+      wgmma_commit();
+      // The next tile's S^T goes into the tensor-core queue right behind; this stage is released
+      // once O^T is complete.
+      if (tile + 1 < n_tiles) {
+        issue_s((it + 1) % T::STAGES, ((it + 1) / T::STAGES) & 1);
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+#pragma unroll
+      for (int b = 0; b < OB; ++b) fence_regs<NR>(o[b]);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty_bar(stage));
+    }
+
+    // ---- epilogue: column sums over the consumer's warps, then its 256 output columns --------
+#pragma unroll
+    for (int q = 0; q < SLOTS; ++q) {
+      l_run[q] += __shfl_xor_sync(0xffffffffu, l_run[q], 4);
+      l_run[q] += __shfl_xor_sync(0xffffffffu, l_run[q], 8);
+      l_run[q] += __shfl_xor_sync(0xffffffffu, l_run[q], 16);
+      if (g == 0) red_sum[w * NQ + 8 * (q >> 1) + 2 * t4 + (q & 1)] = l_run[q];
+    }
+    named_barrier(2 + cw, 128);
+#pragma unroll
+    for (int j = 0; j < NQ / 8; ++j) {
+      float inv_l[2], l_col[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int n = 8 * j + 2 * t4 + e;
+        l_col[e] = red_sum[n] + red_sum[NQ + n] + red_sum[2 * NQ + n] + red_sum[3 * NQ + n];
+        inv_l[e] = l_col[e] > 0.f ? 1.f / l_col[e] : 0.f;
+      }
+      // This lane stores column n (its even or odd one) for output rows 2 k, 2 k + 1 of each block.
+      const int n = 8 * j + 2 * t4 + (odd ? 1 : 0);
+      const float m_col = odd ? m_run[2 * j + 1] : m_run[2 * j];
+      const float l = odd ? l_col[1] : l_col[0];
+      const bool row_ok = n < p.m;
+      const int i = n / p.ngroups, head = hk * p.ngroups + n % p.ngroups;
+      const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
+#pragma unroll
+      for (int b = 0; b < OB; ++b)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float lo, hi;
+          pair_rows(o[b][4 * j + 2 * h] * inv_l[0], o[b][4 * j + 2 * h + 1] * inv_l[1], odd, lo, hi);
+          const int col = cw * T::HALF_DV + b * 64 + 16 * w + (g & ~1) + 8 * h;
+          if (!row_ok) continue;
+          if (whole) {
+            char* orow = static_cast<char*>(p.out) + 2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
+            store_u32(orow + 2 * col, pack2<kBf16>(lo, hi));
+          } else {
+            *reinterpret_cast<float2*>(p.o_accum + (slot * p.m + n) * DV + col) = make_float2(lo, hi);
+          }
+        }
+      if (row_ok && cw == 0 && w == 0 && g < 2) {  // lanes 0..7: g 0 (even columns) and 1 (odd)
+        if (whole)
+          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
+              l > 0.f ? (m_col + log2f(l)) * kLn2 : pos_inf();
+        else
+          p.lse_accum[slot * p.m + n] = l > 0.f ? m_col + log2f(l) : neg_inf();
+      }
+    }
+  }
+}
+
+template <class Elem, int D, int DV, int PAGE_BOX, int NQ = 0>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TmaDesc kv_map) {
   using T = DecodeTraits<D, DV, PAGE_BOX>;
@@ -332,6 +664,12 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
 
   // ================= consumer warpgroups ======================================================
   setmaxnreg_inc<T::CONSUMER_REGS>();
+  if constexpr (NQ != 0) {
+    consume_transposed<Elem, D, DV, PAGE_BOX, NQ>(p, sQ, sKV, sP, bars,
+                                                  reinterpret_cast<float*>(smem_raw + (sQ + NQ * 128 - raw_addr)),
+                                                  begin_req, end_req, begin_split, hk, token_range);
+    return;
+  }
   const int cw = (warp >> 2) - 1;     // consumer 0 or 1
   const int ctid = tid - 128;         // 0..255 over both consumers
   const int wtid = ctid & 127;        // thread within the consumer warpgroup

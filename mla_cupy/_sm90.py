@@ -1,7 +1,7 @@
 """Kernel family "sm90": the Hopper split-KV decode of kernels/decode_sm90.cuh (wgmma, TMA,
-a producer warp and two consumer warpgroups, one CTA of 64 query rows per SM), built for
-sm_90a only. It follows the family contract described in ``_portable``; ``_select`` tries it
-before the portable family.
+a producer warp and two consumer warpgroups, one CTA of 64 query rows per SM; at most 16 query
+rows take its transposed form), built for sm_90a only. It follows the family contract
+described in ``_portable``; ``_select`` tries it before the portable family.
 
 It runs bf16 and fp16 at head dims 576/512 and 512/512, with pages of 8, 16 or 32 tokens or
 any multiple of 64 (the TMA box is min(page, 64) tokens of one page). Every other problem
@@ -24,7 +24,12 @@ SMALL_PAGES = (8, 16, 32)  # a 64-token tile takes 64 / page TMA boxes per colum
 TILE_TOKENS = 64
 THREADS = 384  # producer warpgroup + two consumer warpgroups (DecodeTraits::THREADS)
 M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
-WARMUP_ROWS = (64,)  # the configuration does not depend on the number of query rows
+# Problems of at most 16 query rows per KV head take the transposed form (16 query columns);
+# more rows take the row form (64-row tiles). One warmup problem per form. (A transposed form
+# of 32 columns measured 6 % slower than the row form at 32 rows: both consumers compute the
+# whole S^T, which at 32 columns is more matrix work than the padding it saves.)
+TRANSPOSED_ROWS = (16,)
+WARMUP_ROWS = (*TRANSPOSED_ROWS, 64)
 PDL_DRIVER = 12030  # programmatic launches in captured CUDA graphs need a CUDA 12.3 driver
 
 
@@ -36,6 +41,7 @@ class DecodeConfig:
     threads: int = THREADS
     ctas_per_sm: int = 1
     m_tile: int = M_TILE
+    nq: int = 0  # query columns of the transposed form (16); 0: the row form
 
 
 def smem_bytes(head_dim, head_dim_v=512):
@@ -58,7 +64,8 @@ def supports(device, problem):
     """The configuration for `problem` on `device` (a _launch.DeviceInfo), or None."""
     if why_not(device, problem):
         return None
-    return DecodeConfig(page_box(problem.page_block_size), smem_bytes(problem.head_dim, problem.head_dim_v))
+    nq = next((n for n in TRANSPOSED_ROWS if problem.m <= n), 0)
+    return DecodeConfig(page_box(problem.page_block_size), smem_bytes(problem.head_dim, problem.head_dim_v), nq=nq)
 
 
 def why_not(device, problem):
@@ -79,15 +86,16 @@ def why_not(device, problem):
 
 # ---- variants -----------------------------------------------------------------------------------
 
-def expression(dtype, head_dim, head_dim_v, box):
-    return f"mla::sm90::decode_sm90_kernel<{_compile.cpp_elem(dtype)}, {head_dim}, {head_dim_v}, {box}>"
+def expression(dtype, head_dim, head_dim_v, box, nq=0):
+    return f"mla::sm90::decode_sm90_kernel<{_compile.cpp_elem(dtype)}, {head_dim}, {head_dim_v}, {box}, {nq}>"
 
 
-def variant(dtype, head_dim, head_dim_v, box):
+def variant(dtype, head_dim, head_dim_v, box, nq=0):
     """One module per kernel instantiation (each takes ~1 s to build), for sm_90a."""
-    expr = expression(dtype, head_dim, head_dim_v, box)
+    expr = expression(dtype, head_dim, head_dim_v, box, nq)
     traits = f"mla::sm90::DecodeTraits<{head_dim}, {head_dim_v}, {box}>"
-    return _compile.Variant(f"decode_sm90_{_compile.dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_p{box}", (expr,),
+    form = f"_t{nq}" if nq else ""
+    return _compile.Variant(f"decode_sm90_{_compile.dtype_tag(dtype)}_d{head_dim}_dv{head_dim_v}_p{box}{form}", (expr,),
                             FILES, arch=ARCH,
                             checks=((f"{traits}::SMEM_BYTES", smem_bytes(head_dim, head_dim_v)),
                                     (f"{traits}::THREADS", THREADS), (f"{traits}::BM", M_TILE),
@@ -96,20 +104,22 @@ def variant(dtype, head_dim, head_dim_v, box):
 
 def variants(problem, config):
     """Every module a call of `problem` with `config` needs: the decode and its combine."""
-    return [variant(problem.dtype, problem.head_dim, problem.head_dim_v, config.page_box),
+    return [variant(problem.dtype, problem.head_dim, problem.head_dim_v, config.page_box, config.nq),
             _combine.variant(problem.dtype, problem.head_dim_v)]
 
 
 def all_variants():
-    return [variant(dt, d, dv, box) for dt in DTYPES for d, dv in HEAD_DIMS for box in (TILE_TOKENS, *SMALL_PAGES)]
+    return [variant(dt, d, dv, box, nq) for dt in DTYPES for d, dv in HEAD_DIMS for box in (TILE_TOKENS, *SMALL_PAGES)
+            for nq in (0, *TRANSPOSED_ROWS)]
 
 
 # ---- launch -------------------------------------------------------------------------------------
 
 def _decode_function(device_id, problem, config):
     p = problem
-    return _launch.function(device_id, variant(p.dtype, p.head_dim, p.head_dim_v, config.page_box),
-                            expression(p.dtype, p.head_dim, p.head_dim_v, config.page_box), config.smem_bytes)
+    return _launch.function(device_id, variant(p.dtype, p.head_dim, p.head_dim_v, config.page_box, config.nq),
+                            expression(p.dtype, p.head_dim, p.head_dim_v, config.page_box, config.nq),
+                            config.smem_bytes)
 
 
 def prepare(device_id, problem, config):
