@@ -19,9 +19,11 @@
 //                last three column chunks are held in registers (wgmma A fragments), so Q K^T
 //                reads A from shared memory for the other chunks only.
 //   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
-//   With at most 16 query rows (NQ = 16) the consumers run the transposed form instead
-//   (consume_transposed: S^T = K Q^T and O^T += V^T P^T, the tokens on the wgmma M side, no
-//   padding of the rows to 64).
+//   With at most 16 query rows (NQ = 16, grid.x = 1) the consumers run the transposed form
+//   instead (consume_transposed: S^T = K Q^T and O^T += V^T P^T, the tokens on the wgmma M side,
+//   no padding of the rows to 64). It uses Q's first 16 rows, 4 KB of P (2 KB per consumer) and
+//   a scratch for column statistics in Q's first chunk past row 16; the row statistics region
+//   is unused.
 //
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
 // SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B], KV stages
@@ -440,6 +442,9 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
             const int q = 2 * j + e, tok = tok0 + 8 * h;
             const bool ok = tok < tok_end && tok < vis_end[q];
             float& v = s[4 * j + 2 * h + e];
+            // By selection, not a multiply by a mask: the other consumer may be zeroing the V
+            // rows of tokens past the end (K's first columns) while this S^T reads them, and
+            // both consumers must get the same m and l (only consumer 0 writes the lse).
             v = select(ok, v * p.scale_log2, neg_inf());
             mx[q] = fmaxf(mx[q], v);
           }

@@ -158,6 +158,8 @@ class DecodeLaunch:
 
     def __init__(self, device_id, arrays, problem, config):
         pb, kv = problem, arrays["k_cache"]
+        if config.nq and pb.m > config.nq:  # the transposed form computes one block of nq rows
+            raise RuntimeError(f"sm90: transposed form of {config.nq} rows chosen for {pb.m} query rows")
         params, out_strides, lse_strides = _params.decode_block(arrays, pb)
         self.decode = _launch.Kernel(_decode_function(device_id, pb, config),
                                      (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts), (config.threads,),
