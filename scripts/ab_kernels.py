@@ -6,7 +6,9 @@ compile cache keys on the source hash, so versions never share a binary. Run it 
 version, one after the other on the same machine, and compare each version's ratio to the peers, which the
 benchmark times in the same process. ``AB_SM90_PARTS_PER_SM=N`` makes the sm90 family ask the
 scheduler for N parts per SM (more parts than resident CTAs: the hardware hands the later ones
-to whichever SM frees first).
+to whichever SM frees first). ``AB_SM90_TRANSPOSED_ROWS=16,32`` sets the query-row counts that
+take the sm90 transposed form (``_sm90.TRANSPOSED_ROWS``; empty: the row form only), for kernel
+versions whose transposed form covers other counts.
 """
 
 import pathlib
@@ -30,6 +32,11 @@ def main(argv=None):
         _sm90.supports = lambda device, problem: (
             None if (c := supports(device, problem)) is None else dataclasses.replace(c, ctas_per_sm=parts))
         print(f"sm90 parts per SM: {parts}")
+
+    rows = os.environ.get("AB_SM90_TRANSPOSED_ROWS")
+    if rows is not None:
+        _sm90.TRANSPOSED_ROWS = tuple(int(r) for r in rows.split(",") if r.strip())
+        print(f"sm90 transposed form for at most {_sm90.TRANSPOSED_ROWS} query rows")
 
     use_kernel_folder(folder)
     print(f"kernel sources: {folder}")
