@@ -213,45 +213,22 @@ MLA_DEVICE void wgmma_rs<32, false>(float* d, const uint32_t* a, uint64_t db, in
 template <int N, bool IsBf16>
 MLA_DEVICE void wgmma_ss_ta(float* d, uint64_t da, uint64_t db, int accumulate);
 
-template <>
-MLA_DEVICE void wgmma_ss<16, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-template <>
-MLA_DEVICE void wgmma_ss<16, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-template <>
-MLA_DEVICE void wgmma_ss_ta<16, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-template <>
-MLA_DEVICE void wgmma_ss_ta<16, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
+// One m64n16k16 SS instantiation: NAME<16, IS_BF16>, A transposed (MN-major) when TNSP_A is 1.
+#define MLA_SM90_WGMMA_N16(NAME, IS_BF16, TYPE, TNSP_A)                                              \
+  template <>                                                                                        \
+  MLA_DEVICE void NAME<16, IS_BF16>(float* d, uint64_t da, uint64_t db, int accumulate) {            \
+    asm volatile(                                                                                    \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                                 \
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " "                              \
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, " #TNSP_A ", 0;\n}\n"                   \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+        : "l"(da), "l"(db), "r"(accumulate));                                                        \
+  }
+MLA_SM90_WGMMA_N16(wgmma_ss, true, "bf16", 0)
+MLA_SM90_WGMMA_N16(wgmma_ss, false, "f16", 0)
+MLA_SM90_WGMMA_N16(wgmma_ss_ta, true, "bf16", 1)
+MLA_SM90_WGMMA_N16(wgmma_ss_ta, false, "f16", 1)
+#undef MLA_SM90_WGMMA_N16
 
 // ---- the kernel -------------------------------------------------------------------------------------
 // PAGE_BOX: tokens per TMA box, min(page_size, 64); a 64-token tile takes 64 / PAGE_BOX boxes
