@@ -830,7 +830,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
         // (the rescale sits between the softmax and P V on the chain of a tile). Both consumers
         // take the same decision from the same numbers; the lse is exact for any reference.
         const float m_new = fmaxf(m_run[h], fmaxf(mx[h], sMax[(1 - cw) * T::BM + r0 + 8 * h]));
-        const float m_ref = m_new > m_run[h] + kLazyRescale ? m_new : m_run[h];
+        // (a difference, exact by Sterbenz, not m_run + 8, which rounds for huge m_run)
+        const float m_ref = m_new - m_run[h] > kLazyRescale ? m_new : m_run[h];
         m_use[h] = m_ref == neg_inf() ? 0.f : m_ref;  // a row with nothing visible yet stays at zero
         alpha[h] = fast_exp2(m_run[h] - m_use[h]);
         m_run[h] = m_ref;
