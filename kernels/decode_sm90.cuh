@@ -551,6 +551,10 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
   }
 }
 
+// The row form moves a row's reference maximum only when it grows by more than this (log2
+// units; P <= 2^8 fits bf16 and fp16 with their full relative precision).
+constexpr float kLazyRescale = 8.f;
+
 template <class Elem, int D, int DV, int PAGE_BOX, int NQ = 0>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TmaDesc kv_map) {
@@ -798,10 +802,16 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
       float m_use[2], alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        // The reference maximum moves only when the row's maximum grows by more than
+        // kLazyRescale (log2 units): P stays below 2^kLazyRescale, and O is rescaled in few tiles
+        // (the rescale sits between the softmax and P V on the chain of a tile). Both consumers
+        // take the same decision from the same numbers; the lse is exact for any reference.
         const float m_new = fmaxf(m_run[h], fmaxf(mx[h], sMax[(1 - cw) * T::BM + r0 + 8 * h]));
-        m_use[h] = m_new == neg_inf() ? 0.f : m_new;  // a row with nothing visible yet stays at zero
+        // (a difference, exact by Sterbenz, not m_run + 8, which rounds for huge m_run)
+        const float m_ref = m_new - m_run[h] > kLazyRescale ? m_new : m_run[h];
+        m_use[h] = m_ref == neg_inf() ? 0.f : m_ref;  // a row with nothing visible yet stays at zero
         alpha[h] = fast_exp2(m_run[h] - m_use[h]);
-        m_run[h] = m_new;
+        m_run[h] = m_ref;
       }
 
       // ---- P = exp2(S - m): registers (own half, wgmma A fragments) and shared memory ---------
