@@ -19,7 +19,8 @@ Ordering, with no host sync and no copy:
 * export (:meth:`Ctx.export`): the caller's current stream waits for the call's stream, through
   the consumer's ``from_dlpack`` handshake (JAX) or one event (torch).
 
-The per-call fast path (:func:`signature`, :func:`current_stream_ptr`, :func:`output_factory`)
+The per-call fast path (:func:`signature`, :func:`current_stream_ptr`, :func:`output_factory`,
+:func:`results_factory`)
 serves calls whose arrays are all CuPy arrays or all torch tensors on the current device, with
 no ``stream`` argument: pointers, shapes, strides and dtypes are read from the framework's own
 objects, the call runs on that framework's current stream (so no event and no handshake is
@@ -505,3 +506,37 @@ def output_factory(framework, device_id, shape, dtype_name):
         x = empty(shape, dtype=dtype)
         return x, x.data.ptr
     return make
+
+
+_RESULT_ALIGN = 256  # the second result's offset in a shared allocation (cudaMalloc's alignment)
+
+
+def results_factory(framework, device_id, out_shape, out_dtype_name, lse_shape):
+    """A function of no arguments returning ``(out, out pointer, lse, lse pointer)``: a decode
+    call's two new C-contiguous results (`out` of `out_dtype_name`, `lse` float32), as
+    :func:`output_factory` makes them. CuPy's two share one allocation (one pool request instead
+    of two: the memory returns to the pool when both arrays are gone)."""
+    if framework == "torch":
+        new_out = output_factory(framework, device_id, out_shape, out_dtype_name)
+        new_lse = output_factory(framework, device_id, lse_shape, "float32")
+
+        def make_pair():
+            return (*new_out(), *new_lse())
+        return make_pair
+    out_dtype, lse_dtype = cupy.dtype(out_dtype_name), cupy.dtype("float32")
+    out_bytes = out_dtype.itemsize
+    for n in out_shape:
+        out_bytes *= n
+    lse_offset = -(-out_bytes // _RESULT_ALIGN) * _RESULT_ALIGN
+    lse_bytes = lse_dtype.itemsize
+    for n in lse_shape:
+        lse_bytes *= n
+    total = max(lse_offset + lse_bytes, 1)
+    alloc, ndarray = cupy.cuda.alloc, cupy.ndarray
+
+    def make_pair():
+        memory = alloc(total)
+        lse_memory = memory + lse_offset
+        return (ndarray(out_shape, out_dtype, memory), memory.ptr,
+                ndarray(lse_shape, lse_dtype, lse_memory), lse_memory.ptr)
+    return make_pair

@@ -129,18 +129,17 @@ class _FastDecode:
         self.launch = plan.launch.launch
         self.new_out = _interop.output_factory(framework, device_id, plan.out_shape, plan.pb.dtype)
         self.new_lse = _interop.output_factory(framework, device_id, plan.lse_shape, "float32")
+        self.new_results = _interop.results_factory(framework, device_id, plan.out_shape, plan.pb.dtype,
+                                                    plan.lse_shape)
         self.stream = _interop.current_stream_ptr
 
     def run(self, pointers, out, lse):
         stream = self.stream(self.framework, self.device_id)
-        if out is None:
-            out, out_ptr = self.new_out()
+        if out is None and lse is None:
+            out, out_ptr, lse, lse_ptr = self.new_results()
         else:
-            out_ptr = pointers[6]
-        if lse is None:
-            lse, lse_ptr = self.new_lse()
-        else:
-            lse_ptr = pointers[7]
+            out, out_ptr = self.new_out() if out is None else (out, pointers[6])
+            lse, lse_ptr = self.new_lse() if lse is None else (lse, pointers[7])
         plan = self.plan
         o_accum, lse_accum, _held = _workspace(self.device_id, stream, plan.ws_rows, plan.ws_cols)
         self.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)

@@ -156,6 +156,8 @@ def main(argv=None):
                    help="FlashMLA peer folder (default %(default)s)")
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of the CuPy call path")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each step of the fast path (CuPy and torch) on its own")
     args = p.parse_args(argv)
     import mla_cupy
 
@@ -222,7 +224,67 @@ def main(argv=None):
         sync()
         print()
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    if args.breakdown:
+        for case in (cupy_case and [("CuPy", cupy_case[0], cupy_case[2])]) or []:
+            print()
+            print_breakdown(*case, args)
+        if torch_case:
+            call, _inputs, sync = case_torch(mla_cupy, arrays)
+            print()
+            print_breakdown("torch", call, sync, args)
     return 0
+
+
+def breakdown_steps(call):
+    """(name, function) of each step of a fast-path call, from the plan `call` has left in the
+    fast-path cache (call it once first): what a call costs, step by step."""
+    from mla_cupy import _launch, interface
+
+    call()
+    entry = next(reversed(interface._fast_plans.values()))
+    arrays = _fast_arrays(call)
+    sig = interface._signature(arrays)
+    stream = entry.stream(entry.framework, entry.device_id)
+    plan = entry.plan
+    launch = plan.launch
+    o_accum, lse_accum, _held = interface._workspace(entry.device_id, stream, plan.ws_rows, plan.ws_cols)
+    out, out_ptr = entry.new_out()
+    lse, lse_ptr = entry.new_lse()
+    pointers = sig[2]
+    inputs = (*pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)
+    decode = getattr(launch, "decode", None)
+    steps = [
+        ("whole call", call),
+        ("signature of the 8 arguments", lambda: interface._signature(arrays)),
+        ("fast-path key and lookup", lambda: interface._cached(interface._fast_plans, (
+            sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind()))),
+        ("current stream", lambda: entry.stream(entry.framework, entry.device_id)),
+        ("two result arrays", lambda: (entry.new_out(), entry.new_lse())),
+        ("capture check", lambda: interface._capturing(stream)),
+        ("workspace lookup", lambda: interface._workspace(entry.device_id, stream, plan.ws_rows, plan.ws_cols)),
+        ("both launches", lambda: launch.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)),
+    ]
+    if isinstance(decode, _launch.Kernel):
+        extra = (launch._kv_map(pointers[1]),) if hasattr(launch, "_kv_map") else ()
+        steps.append(("decode launch", lambda: decode(stream, inputs, extra)))
+        kernel = decode
+        steps.append(("cuLaunchKernelEx alone (decode)", lambda: kernel._driver(
+            kernel._config_address, kernel._fn_ptr, kernel._argv_address, None)))
+    return steps
+
+
+def _fast_arrays(call):
+    """The eight array arguments of `call` (a closure over q, kc, bt, sl, sched, ns) as the fast
+    path reads them."""
+    cells = {name: cell.cell_contents for name, cell in zip(call.__code__.co_freevars, call.__closure__)}
+    return (cells["q"], cells["kc"], cells["bt"], cells["sl"], cells["sched"], cells["ns"], None, None)
+
+
+def print_breakdown(name, call, sync, args):
+    print(f"{name} call, step by step (µs per call, plain loop, median of {args.rounds} rounds):")
+    for what, fn in breakdown_steps(call):
+        med, _low = host_us(fn, args.calls, args.rounds, sync)
+        print(f"  {what:<34} {med:8.2f}")
 
 
 if __name__ == "__main__":

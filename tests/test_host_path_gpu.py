@@ -92,6 +92,32 @@ def test_cupy_fast_path_with_out_buffers_and_streams():
         assert_mla_close(new_out, new_lse, out_ref, lse_ref, std=base.std, msg=f"allocated, round {i}")
 
 
+def test_cupy_fast_path_results_outlive_each_other():
+    # The fast path's two CuPy results share one allocation: either one, kept alone while the
+    # pool hands out and overwrites memory, must keep its values, and the two must not overlap.
+    base, layers = _layers(5)
+    (out_ref, lse_ref), = _reference(base, layers[:1])
+    q, kc = (cupy.asarray(x) for x in layers[0])
+    bt, sl = cupy.asarray(base.block_table), cupy.asarray(base.cache_seqlens)
+    meta = get_mla_metadata(sl, S_Q * H_Q, 1)
+    kept = []
+    for i in range(6):  # calls 3.. take the fast path
+        out, lse = flash_mla_with_kvcache(q, kc, bt, sl, DV, *meta, causal=True)
+        assert out.data.ptr + out.nbytes <= lse.data.ptr or lse.data.ptr + lse.nbytes <= out.data.ptr
+        assert out.flags.c_contiguous and lse.flags.c_contiguous
+        kept.append(lse if i % 2 else out)
+        del out, lse
+        scratch = [cupy.full(n, np.nan, dtype=cupy.float32) for n in (B * S_Q * H_Q * DV, B * H_Q * S_Q, 1 << 20)]
+        del scratch
+    cupy.cuda.Device().synchronize()
+    for i, x in enumerate(kept):
+        if i % 2:
+            np.testing.assert_allclose(cupy.asnumpy(x), lse_ref, rtol=8.01 / 65536, atol=1e-5 * (base.std / 0.1) ** 2,
+                                       err_msg=f"lse of call {i}")  # compare_mla's lse tolerance
+        else:
+            assert_mla_close(x, cupy.asarray(lse_ref), out_ref, lse_ref, std=base.std, msg=f"out of call {i}")
+
+
 def test_fast_path_still_refuses_what_validation_refuses():
     base, layers = _layers(3)
     q, kc = (cupy.asarray(x) for x in layers[0])

@@ -284,6 +284,7 @@ def test_decode_call_out_of_memory_launches_nothing(small_gpu):
     call.launch = lambda *args: launches.append(args)
     call.new_out = lambda: ("out", 1 << 40)
     call.new_lse = lambda: ("lse", 2 << 40)
+    call.new_results = lambda: ("out", 1 << 40, "lse", 2 << 40)
     call.stream = lambda framework, device_id: 7
     with pytest.raises(mla_cupy.WorkspaceOutOfMemoryError, match="20,520,000 bytes on device 0"):
         call.run([0] * 8, None, None)
