@@ -6,7 +6,9 @@ Measures ``flash_mla_with_kvcache`` with CuPy arrays, with torch tensors and wit
 default .peers/flashmla), FlashMLA's own call with torch tensors, all at b = 128, s_q 1, h_q 16,
 and prints a table against the targets.
 
-Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/host_profile.py [--profile]
+Usage (repo root, GPU machine): PYTHONPATH=. python3 scripts/host_profile.py [--profile] [--breakdown]
+(``--breakdown`` also times each step of the fast path on its own: signature, key, results,
+workspace, launches, and the driver call alone).
 """
 import argparse
 import cProfile
