@@ -9,7 +9,8 @@
 #   GPU_CHECK_TESTS=0          skip the test lanes
 #   GPU_CHECK_KERNELS          kernel paths of the test lanes (default "portable sm90"); each
 #                              lane runs with MLA_CUPY_KERNEL set to one of them
-#   GPU_CHECK_HOST_PROFILE=0   skip scripts/host_profile.py (host µs per call; on by default)
+#   GPU_CHECK_HOST_PROFILE=0   skip scripts/host_profile.py --breakdown (host µs per call and per
+#                              step of a call; on by default)
 #   GPU_CHECK_AB="DIR ..."     after the benchmark, scripts/ab_kernels.py once per folder of kernel
 #                              sources, with the benchmark's options (A/B runs of kernel versions
 #                              in the same machine session as the main table)
@@ -137,8 +138,8 @@ fi
 # Host cost per call (a few seconds).
 host_log="$logs/host_profile.txt"
 if [[ ${GPU_CHECK_HOST_PROFILE:-1} != 0 ]]; then
-  section "host profile: python scripts/host_profile.py"
-  python3 scripts/host_profile.py 2>&1 | tee "$host_log"
+  section "host profile: python scripts/host_profile.py --breakdown"
+  python3 scripts/host_profile.py --breakdown 2>&1 | tee "$host_log"
 else
   : > "$host_log"
 fi
