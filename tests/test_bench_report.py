@@ -128,7 +128,10 @@ def test_table_span_refuses_what_it_cannot_place(report):
 def test_script_checks_and_rewrites_a_readme(tmp_path):
     text = README.read_text(encoding="utf-8")
     copy = tmp_path / "README.md"
-    copy.write_text(text.replace("  0.994      no", "  0.999     yes"), encoding="utf-8")
+    _, records = bench.read_json_lines(FIXTURE)
+    shown = f"  {records[0]['speed_ratio']:.3f}      no"  # the first row's ratio and target as shown
+    assert shown in text
+    copy.write_text(text.replace(shown, "  0.999     yes"), encoding="utf-8")
     script = str(ROOT / "scripts" / "bench_report.py")
     check = _run([script, str(FIXTURE), "--readme", str(copy), "--check"])
     assert check.returncode == 1, check.stdout + check.stderr
@@ -199,15 +202,15 @@ def test_plot_series():
     configs, times, ratios = bench.plot_series(records[:2])
     assert configs == ["b128 s_q1 h16", "b128 s_q1 h32"]
     assert list(times) == ["mla_cupy", "FlashMLA", "FlashInfer"]
-    assert times["mla_cupy"] == [152.1, 159.5] and times["FlashMLA"] == [157.3, 158.3]
+    assert times["mla_cupy"] == [151.9, 158.5] and times["FlashMLA"] == [157.4, 158.1]
     assert list(ratios) == ["FlashMLA / mla_cupy", "FlashInfer / mla_cupy"]
-    assert ratios["FlashInfer / mla_cupy"][0] == pytest.approx(151.2 / 152.1)
+    assert ratios["FlashInfer / mla_cupy"][0] == pytest.approx(151.4 / 151.9)
     kinds = [dict(records[0], kernel="sm90"), dict(records[0], kernel="portable", us=200.0,
                                                    peer_us=None, fi_us=None)]
     configs, times, ratios = bench.plot_series(kinds)
     assert list(times) == ["mla_cupy (sm90)", "mla_cupy (portable)", "FlashMLA", "FlashInfer"]
-    assert times["FlashMLA"] == [157.3]  # a peer's time is the configuration's, whatever the kind
-    assert ratios["FlashMLA / mla_cupy (portable)"] == [pytest.approx(157.3 / 200.0)]
+    assert times["FlashMLA"] == [157.4]  # a peer's time is the configuration's, whatever the kind
+    assert ratios["FlashMLA / mla_cupy (portable)"] == [pytest.approx(157.4 / 200.0)]
     _, times, ratios = bench.plot_series([dict(records[0], peer_us=None, fi_us=None)])
     assert list(times) == ["mla_cupy"] and ratios == {}
 
