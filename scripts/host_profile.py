@@ -261,7 +261,7 @@ def breakdown_steps(call):
         ("fast-path key and lookup", lambda: interface._cached(interface._fast_plans, (
             sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind()))),
         ("current stream", lambda: entry.stream(entry.framework, entry.device_id)),
-        ("two result arrays", lambda: (entry.new_out(), entry.new_lse())),
+        ("two result arrays", entry.new_results),
         ("capture check", lambda: interface._capturing(stream)),
         ("workspace lookup", lambda: interface._workspace(entry.device_id, stream, plan.ws_rows, plan.ws_cols)),
         ("both launches", lambda: launch.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)),
