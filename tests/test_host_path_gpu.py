@@ -101,7 +101,7 @@ def test_cupy_fast_path_results_outlive_each_other():
     bt, sl = cupy.asarray(base.block_table), cupy.asarray(base.cache_seqlens)
     meta = get_mla_metadata(sl, S_Q * H_Q, 1)
     kept = []
-    for i in range(6):  # calls 3.. take the fast path
+    for i in range(6):  # from the third call on, the fast path
         out, lse = flash_mla_with_kvcache(q, kc, bt, sl, DV, *meta, causal=True)
         assert out.data.ptr + out.nbytes <= lse.data.ptr or lse.data.ptr + lse.nbytes <= out.data.ptr
         assert out.flags.c_contiguous and lse.flags.c_contiguous
