@@ -208,6 +208,40 @@ MLA_DEVICE void wgmma_rs<32, false>(float* d, const uint32_t* a, uint64_t db, in
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 }
 
+// ---- wgmma instantiations of the pair form (m64n64 SS and RS: S = Q K^T of a whole 64-token tile) ----
+#define MLA_SM90_WGMMA_N64_SS(IS_BF16, TYPE)                                                           \
+  template <>                                                                                        \
+  MLA_DEVICE void wgmma_ss<64, IS_BF16>(float* d, uint64_t da, uint64_t db, int accumulate) {       \
+    asm volatile(                                                                                    \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                              \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                        \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                                       \
+        : "l"(da), "l"(db), "r"(accumulate));                                                        \
+  }
+#define MLA_SM90_WGMMA_N64_RS(IS_BF16, TYPE)                                                           \
+  template <>                                                                                        \
+  MLA_DEVICE void wgmma_rs<64, IS_BF16>(float* d, const uint32_t* a, uint64_t db, int accumulate) { \
+    asm volatile(                                                                                    \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                              \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                          \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                                       \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));                    \
+  }
+MLA_SM90_WGMMA_N64_SS(true, "bf16")
+MLA_SM90_WGMMA_N64_SS(false, "f16")
+MLA_SM90_WGMMA_N64_RS(true, "bf16")
+MLA_SM90_WGMMA_N64_RS(false, "f16")
+#undef MLA_SM90_WGMMA_N64_SS
+#undef MLA_SM90_WGMMA_N64_RS
+
 // ---- wgmma instantiations of the transposed form (m64n16 SS, and SS with A transposed,
 // MN-major): S^T = K Q^T and O^T += V^T P^T for at most 16 query rows ----
 template <int N, bool IsBf16>
@@ -246,14 +280,17 @@ struct DecodeTraits {
   static constexpr int STAGE_BYTES = CHUNKS * CHUNK_BYTES;
   static constexpr int P_BYTES = BM * 128;
   static constexpr int STAT_BYTES = 2 * 2 * BM * 4;  // row maxima and row sums of both consumers
-  static constexpr int BAR_BYTES = (STAGES * CHUNKS + STAGES) * 8;
+  // a full barrier per stage and chunk; two empty barriers per stage, one per region: chunks
+  // [0, V_CHUNKS) (consumer 0's V columns) and the rest (consumer 1's V columns and RoPE)
+  static constexpr int BAR_BYTES = (STAGES * CHUNKS + 2 * STAGES) * 8;
   static constexpr int ALIGN_SLACK = 1024;      // the dynamic window is aligned up to 1024 bytes
   static constexpr int SMEM_BYTES = ALIGN_SLACK + Q_BYTES + STAGES * STAGE_BYTES + P_BYTES + STAT_BYTES + BAR_BYTES;
   static constexpr int THREADS = 384;           // producer warpgroup + two consumer warpgroups
   static constexpr int BOXES = BN / PAGE_BOX;
   // Q's last Q_REG_CHUNKS column chunks are held in registers as wgmma A fragments (16 per
-  // chunk): Q K^T then reads A from shared memory for the other chunks only.
-  static constexpr int Q_REG_CHUNKS = 3;
+  // chunk): Q K^T then reads A from shared memory for the other chunks only, and the pair form
+  // publishes consumer 1's P in the shared memory of the last one.
+  static constexpr int Q_REG_CHUNKS = 1;
   static constexpr int Q_SMEM_CHUNKS = CHUNKS - Q_REG_CHUNKS;
   static constexpr int PRODUCER_REGS = 40;
   static constexpr int CONSUMER_REGS = 232;
@@ -306,7 +343,7 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
   static_assert(NQ == 16, "transposed form: 16 query columns");
   static_assert(2 * 12 * NQ * 4 <= (T::BM - NQ) * 128, "scratch fits in Q's first chunk past row NQ");
   auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
-  auto empty_bar = [&](int stage) { return bars + uint32_t(T::STAGES * T::CHUNKS + stage) * 8u; };
+  auto empty_bar = [&](int stage, int region) { return bars + uint32_t(T::STAGES * T::CHUNKS + 2 * stage + region) * 8u; };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int cw = (warp >> 2) - 1, ctid = tid - 128, wtid = ctid & 127, w = warp & 3;
@@ -497,7 +534,10 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
 #pragma unroll
       for (int b = 0; b < OB; ++b) fence_regs<NR>(o[b]);
       __syncwarp();
-      if (lane == 0) mbar_arrive(empty_bar(stage));
+      if (lane == 0) {  // both consumers read every chunk: each warp releases both regions
+        mbar_arrive(empty_bar(stage, 0));
+        mbar_arrive(empty_bar(stage, 1));
+      }
     }
 
     // ---- epilogue: column sums over the consumer's warps, then its 256 output columns --------
@@ -551,9 +591,420 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
   }
 }
 
-// The row form moves a row's reference maximum only when it grows by more than this (log2
-// units; P <= 2^8 fits bf16 and fp16 with their full relative precision).
+// The two bf16/fp16 values of a packed pair times f, packed again.
+template <bool IsBf16>
+MLA_DEVICE uint32_t scale2(uint32_t v, float f) {
+  float lo, hi;
+  if constexpr (IsBf16) {
+    lo = __uint_as_float(v << 16);
+    hi = __uint_as_float(v & 0xffff0000u);
+  } else {
+    asm("{\n.reg .f16 a, b;\nmov.b32 {a, b}, %2;\ncvt.f32.f16 %0, a;\ncvt.f32.f16 %1, b;\n}\n"
+        : "=f"(lo), "=f"(hi)
+        : "r"(v));
+  }
+  return pack2<IsBf16>(lo * f, hi * f);
+}
+
+// A consumer's reference maximum moves only when a row's maximum grows by more than this (log2
+// units; P <= 2^8 fits bf16 and fp16 with their full relative precision), so O is rescaled in
+// few tiles.
 constexpr float kLazyRescale = 8.f;
+
+// ---- consumers of the pair form (more than 16 query rows) ------------------------------------------
+// Tiles go in pairs, A = tile 2k and B = tile 2k + 1 (the two stages of the ring). Consumer L
+// (ROLE 0) computes S_A = Q K_A^T over the whole head dim (wgmma m64n64), consumer R (ROLE 1)
+// S_B. The reference maxima form a chain: L turns S_A into P_A against m0 (the pair before's
+// reference, moved lazily by S_A's maxima) and publishes m0; R waits for m0, turns S_B into P_B
+// against m1 (m0 moved lazily by S_B's maxima) and publishes m1. Each consumer accumulates its
+// 256 output columns over both tiles:
+//   L: O_L += P_A V_A,L (P_A from registers); once m1 is known, P_A' = P_A 2^(m0 - m1) goes to
+//      shared memory for R, O_L is rescaled to m1 and O_L += P_B V_B,L (P_B from shared memory);
+//      then L issues the next pair's S_A.
+//   R: O_R is rescaled to m1; O_R += P_B V_B,R (registers), O_R += P_A' V_A,R (shared memory);
+//      then R issues the next pair's S_B.
+// So L's softmax overlaps R's Q K^T, and R's softmax overlaps L's P V: the tensor cores take
+// the two consumers' work in turn. A stage is released in two regions: V columns [0, 256)
+// (chunks 0..3) by L once its two P V on it are complete, the rest by R. Named barriers, each
+// one arrive and one sync of 128 threads per pair: M0 (m0 published), M1 (m1 published), PA
+// (P_A' published), PB (P_B published and R's P V on A issued).
+template <class Elem, int D, int DV, int PAGE_BOX, int ROLE, class TokenRange>
+MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, uint32_t sP, uint32_t bars,
+                              float* sM, float* sSum, int row0, int begin_req, int end_req, int hk,
+                              TokenRange token_range) {
+  using T = DecodeTraits<D, DV, PAGE_BOX>;
+  constexpr bool kBf16 = Elem::kIsBf16;
+  constexpr int BAR_M0 = 4, BAR_M1 = 5, BAR_PA = 6, BAR_PB = 7;
+  auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
+  auto empty_bar = [&](int stage, int region) { return bars + uint32_t(T::STAGES * T::CHUNKS + 2 * stage + region) * 8u; };
+  auto bar_arrive = [](int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); };
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int ctid = tid - 128;   // 0..255 over both consumers
+  const int wtid = ctid & 127;  // thread within this consumer
+  const int g = lane >> 2, t4 = lane & 3;
+  const int r0 = (warp & 3) * 16 + g;  // this thread's rows r0 and r0 + 8 of the tile
+  const char* q_base = static_cast<const char*>(p.q);
+  // P_A' (published by L) in the P region, P_B (published by R) in the shared memory of Q's
+  // register-held chunk; the reference of each consumer in sM[ROLE][64].
+  const uint32_t sPA = sP, sPB = sQ + T::Q_SMEM_CHUNKS * (T::BM * 128);
+  float* sM_own = sM + ROLE * T::BM;
+  const float* sM_l = sM;
+  const float* sM_r = sM + T::BM;
+  // wgmma descriptor bases (stage 0): Q and the whole 64-token K tile for S = Q K^T (K-major);
+  // the published P (K-major) and this consumer's V columns, read transposed (MN-major).
+  // Each is Q's descriptor plus a constant (the regions sit at fixed offsets from sQ), so that
+  // only one is kept in registers.
+  const uint64_t q_desc = make_desc(sQ, 16, 1024);
+  const uint64_t k_desc0 = desc_add(q_desc, T::Q_BYTES);
+  const uint64_t pa_desc = desc_add(q_desc, T::Q_BYTES + T::STAGES * T::STAGE_BYTES);
+  const uint64_t pb_desc = desc_add(q_desc, T::Q_SMEM_CHUNKS * (T::BM * 128));
+  const uint64_t v_desc0 = desc_add(q_desc, T::Q_BYTES + ROLE * T::V_CHUNKS * T::CHUNK_BYTES) +
+                           (uint64_t((T::CHUNK_BYTES - 16) >> 4) << 16);  // LBO: CHUNK_BYTES
+
+  float o[128];
+  float s[32];
+  int it = 0;
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int seqlen = p.seqlens[req];
+    int tok_begin, tok_end;
+    const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
+
+    named_barrier(1, 256);  // both consumers are done with sQ (P_B included) and the statistics
+    for (int idx = ctid; idx < T::BM * T::CHUNKS * 8; idx += 256) {
+      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
+      const int row = row0 + r;
+      const bool valid = row < p.m;
+      const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
+      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
+                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
+      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    named_barrier(1, 256);
+    // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
+    // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
+    uint32_t qa[T::Q_REG_CHUNKS][4][4];
+#pragma unroll
+    for (int cq = 0; cq < T::Q_REG_CHUNKS; ++cq)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int r = r0 + 8 * (x & 1), piece = 2 * kk + (x >> 1);
+          const uint32_t a = sQ + (T::Q_SMEM_CHUNKS + cq) * (T::BM * 128) + r * 128 + ((piece ^ (r & 7)) << 4) + t4 * 4;
+          asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(qa[cq][kk][x]) : "r"(a) : "memory");
+        }
+    // Both consumers hold their fragments before R publishes P_B over that chunk.
+    named_barrier(1, 256);
+
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
+    int vis_end[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + r0 + 8 * h;
+      vis_end[h] = p.causal ? seqlen - p.s_q + min(row, p.m - 1) / p.ngroups + 1 : seqlen;
+    }
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.f;
+
+    // S = Q K^T over chunks [c0, c1) of the tile `tile` of this request (one commit group),
+    // issued chunk by chunk as the chunks land (not waited for).
+    auto issue_s = [&](int tile, int c0, int c1) {
+      const int stage = (it + tile) % T::STAGES;
+      const uint32_t phase = ((it + tile) / T::STAGES) & 1;
+      const uint64_t k_desc = desc_add(k_desc0, stage * T::STAGE_BYTES);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < T::CHUNKS; ++c) {
+        if (c < c0 || c >= c1) continue;
+        mbar_wait(full_bar(stage, c), phase);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint64_t db = desc_add(k_desc, c * T::CHUNK_BYTES + kk * 32);
+          if (c < T::Q_SMEM_CHUNKS) {
+            wgmma_ss<64, kBf16>(s, desc_add(q_desc, c * (T::BM * 128) + kk * 32), db, (c | kk) != 0);
+          } else {
+            wgmma_rs<64, kBf16>(s, qa[c - T::Q_SMEM_CHUNKS][kk], db, 1);
+          }
+        }
+      }
+      wgmma_commit();
+    };
+    // V rows past the request's end hold no data of it (stale or NaN): zero this consumer's V
+    // columns of them in the tile `tile` before its P V reads them (after every S on the tile).
+    auto zero_tail = [&](int tile) {
+      const int t0 = tok_begin + tile * T::BN;
+      const int valid = seqlen - t0;
+      if (valid < T::BN) {
+        const uint32_t sK = sKV + ((it + tile) % T::STAGES) * T::STAGE_BYTES;
+        for (int idx = wtid; idx < T::V_CHUNKS * T::BN * 8; idx += 128) {
+          const int c = idx / (T::BN * 8), r = (idx >> 3) % T::BN, j = idx & 7;
+          if (r >= valid) {
+            const uint32_t a = sK + (ROLE * T::V_CHUNKS + c) * T::CHUNK_BYTES + r * 128 + j * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
+          }
+        }
+        fence_async_smem();
+        named_barrier(2 + ROLE, 128);
+      }
+    };
+    // Scale S of tile `tile` to log2 units, mask the tokens these rows do not see, and return
+    // the row maxima (over the quad: the 64 tokens).
+    auto scale_mask_max = [&](int tile, float* mx) {
+      const int t0 = tok_begin + tile * T::BN;
+      mx[0] = mx[1] = neg_inf();
+      if (t0 + T::BN <= min(tok_end, min(vis_end[0], vis_end[1]))) {
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          s[k] *= p.scale_log2;
+          mx[(k >> 1) & 1] = fmaxf(mx[(k >> 1) & 1], s[k]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1;
+            const int tok = t0 + j * 8 + 2 * t4 + (e & 1);
+            const bool ok = tok < tok_end && tok < vis_end[h];
+            s[j * 4 + e] = ok ? s[j * 4 + e] * p.scale_log2 : neg_inf();
+            mx[h] = fmaxf(mx[h], s[j * 4 + e]);
+          }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      }
+    };
+    // P = 2^(S - m) in s (fp32) and its row sums; the A fragments of P in pa.
+    auto exp_and_pack = [&](const float* m_use, float* rs, uint32_t (*pa)[4]) {
+      rs[0] = rs[1] = 0.f;
+#pragma unroll
+      for (int k = 0; k < 32; ++k) {
+        s[k] = fast_exp2(s[k] - m_use[(k >> 1) & 1]);
+        rs[(k >> 1) & 1] += s[k];
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pa[kk][0] = pack2<kBf16>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<kBf16>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<kBf16>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<kBf16>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+    };
+    // Store P (its A fragments pa; with `scaled`, times f per row) to `dst` as the A operand
+    // of the other consumer's P V. (Fragment register 2 (j % 2) + h holds row r0 + 8 h, 8-column
+    // group j of k-step j / 2.)
+    auto publish_p = [&](uint32_t dst, uint32_t (*pa)[4], bool scaled, const float* f) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = r0 + 8 * h;
+          const uint32_t a = dst + r * 128 + ((j ^ (r & 7)) << 4) + t4 * 4;
+          const uint32_t v = pa[j >> 1][(j & 1) * 2 + h];
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(scaled ? scale2<kBf16>(v, f[h]) : v) : "memory");
+        }
+      fence_async_smem();
+    };
+    auto release = [&](int tile) {  // this consumer's region of tile `tile` is read for good
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty_bar((it + tile) % T::STAGES, ROLE));
+    };
+    auto v_desc = [&](int tile) { return desc_add(v_desc0, ((it + tile) % T::STAGES) * T::STAGE_BYTES); };
+
+#pragma unroll
+    for (int k = 0; k < 32; ++k) s[k] = 0.f;
+    if (ROLE < n_tiles) issue_s(ROLE, 0, T::CHUNKS);
+    const int n_pairs = (n_tiles + 1) / 2;
+    for (int k = 0; k < n_pairs; ++k) {
+      const int ta = 2 * k, tb = 2 * k + 1;
+      const bool has_b = tb < n_tiles;
+      const bool more = 2 * (k + 1) + ROLE < n_tiles;  // this consumer's tile of the next pair exists
+      wgmma_wait<0>();  // this consumer's S of the pair (and every P V before it) complete
+      fence_regs<32>(s);
+      fence_regs<128>(o);
+      uint32_t pa[4][4];
+      if constexpr (ROLE == 0) {
+        // ---- L: softmax of tile A against m0 ---------------------------------------------------
+        float mx[2], m_use0[2], alpha[2], rs[2];
+        scale_mask_max(ta, mx);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float m_new = fmaxf(m_run[h], mx[h]);
+          // (a difference, exact by Sterbenz, not m_run + 8, which rounds for huge m_run)
+          const float m_ref = m_new - m_run[h] > kLazyRescale ? m_new : m_run[h];
+          m_use0[h] = m_ref == neg_inf() ? 0.f : m_ref;  // a row with nothing visible yet stays at zero
+          alpha[h] = fast_exp2(m_run[h] - m_use0[h]);
+          m_run[h] = m_ref;
+        }
+        if (t4 == 0) {
+          sM_own[r0] = m_run[0];
+          sM_own[r0 + 8] = m_run[1];
+        }
+        bar_arrive(BAR_M0);
+        exp_and_pack(m_use0, rs, pa);
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+          for (int q = 0; q < 128; ++q) o[q] *= alpha[(q >> 1) & 1];
+        }
+        l_run[0] = l_run[0] * alpha[0] + rs[0];
+        l_run[1] = l_run[1] * alpha[1] + rs[1];
+        zero_tail(ta);
+        // ---- O_L += P_A V_A,L ------------------------------------------------------------------
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(ta), kk * 16 * 128), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<128>(o);
+        release(ta);
+        // ---- m1 from R; P_A' = P_A 2^(m0 - m1) for R; O_L to m1 ---------------------------------
+        named_barrier(BAR_M1, 256);
+        float f[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float m_ref1 = sM_r[r0 + 8 * h];
+          const float m_use1 = m_ref1 == neg_inf() ? 0.f : m_ref1;
+          // From m0 (not its stand-in 0 while nothing is visible: P_A, O_L and l_L are then 0,
+          // and f = 0 keeps them so, where 2^(0 - m1) could overflow to inf).
+          f[h] = fast_exp2(m_run[h] - m_use1);
+          m_run[h] = m_ref1;
+        }
+        publish_p(sPA, pa, true, f);  // (P_A rounded twice where f != 1: rare, the reference moves lazily)
+        bar_arrive(BAR_PA);
+        named_barrier(BAR_PB, 256);  // P_B published (and R's P V on A issued)
+        if (__any_sync(0xffffffffu, f[0] != 1.f || f[1] != 1.f)) {
+#pragma unroll
+          for (int q = 0; q < 128; ++q) o[q] *= f[(q >> 1) & 1];
+        }
+        l_run[0] *= f[0];
+        l_run[1] *= f[1];
+        // ---- O_L += P_B V_B,L, then the next pair's S_A behind it --------------------------------
+        if (has_b) {
+          zero_tail(tb);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            wgmma_ss_tb<256, kBf16>(o, desc_add(pb_desc, kk * 32), desc_add(v_desc(tb), kk * 16 * 128), 1);
+          wgmma_commit();
+        }
+        // The next S_A's first region behind it; once P V on B is complete, region L of B goes
+        // back to the producer, then the rest of S_A.
+        if (more) {
+          issue_s(ta + 2, 0, T::V_CHUNKS);
+          wgmma_wait<1>();
+        } else {
+          wgmma_wait<0>();
+        }
+        fence_regs<128>(o);
+        if (has_b) release(tb);
+        if (more) issue_s(ta + 2, T::V_CHUNKS, T::CHUNKS);
+      } else {
+        // ---- R: softmax of tile B against m1 (m0 moved by S_B's maxima) ---------------------------
+        named_barrier(BAR_M0, 256);
+        float mx[2] = {neg_inf(), neg_inf()}, m_use1[2], alpha[2], rs[2] = {0.f, 0.f};
+        if (has_b) scale_mask_max(tb, mx);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float m0 = sM_l[r0 + 8 * h];
+          const float m_new = fmaxf(m0, mx[h]);
+          const float m_ref = m_new - m0 > kLazyRescale ? m_new : m0;
+          m_use1[h] = m_ref == neg_inf() ? 0.f : m_ref;
+          alpha[h] = fast_exp2(m_run[h] - m_use1[h]);  // O_R from the pair before's reference to m1
+          m_run[h] = m_ref;
+        }
+        if (t4 == 0) {
+          sM_own[r0] = m_run[0];
+          sM_own[r0 + 8] = m_run[1];
+        }
+        bar_arrive(BAR_M1);
+        if (has_b) exp_and_pack(m_use1, rs, pa);
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+          for (int q = 0; q < 128; ++q) o[q] *= alpha[(q >> 1) & 1];
+        }
+        l_run[0] = l_run[0] * alpha[0] + rs[0];
+        l_run[1] = l_run[1] * alpha[1] + rs[1];
+        if (has_b) {
+          publish_p(sPB, pa, false, nullptr);
+          zero_tail(tb);
+          // ---- O_R += P_B V_B,R ----------------------------------------------------------------
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(tb), kk * 16 * 128), 1);
+          wgmma_commit();
+        }
+        // ---- O_R += P_A' V_A,R -------------------------------------------------------------------
+        named_barrier(BAR_PA, 256);
+        zero_tail(ta);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_ss_tb<256, kBf16>(o, desc_add(pa_desc, kk * 32), desc_add(v_desc(ta), kk * 16 * 128), 1);
+        wgmma_commit();
+        bar_arrive(BAR_PB);
+        wgmma_wait<0>();
+        fence_regs<128>(o);
+        release(ta);
+        if (has_b) release(tb);
+        if (more) issue_s(tb + 2, 0, T::CHUNKS);
+      }
+    }
+    wgmma_wait<0>();
+    fence_regs<128>(o);
+    it += n_tiles;
+
+    // ---- epilogue: row sums of both consumers, then this consumer's 256 columns --------------
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    }
+    if (t4 == 0) {
+      sSum[ROLE * T::BM + r0] = l_run[0];
+      sSum[ROLE * T::BM + r0 + 8] = l_run[1];
+    }
+    named_barrier(1, 256);
+    // (read here, not kept in registers over the tiles: the scheduler row's begin_split)
+    const int split_idx = req == begin_req ? p.sched[blockIdx.z * 8 + 4] : 0;
+    const int split_base = p.num_splits[req];
+    const bool whole = p.num_splits[req + 1] - split_base == 1;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + r0 + 8 * h;
+      if (row >= p.m) continue;
+      const float l = l_run[h] + sSum[(1 - ROLE) * T::BM + r0 + 8 * h];
+      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
+      if (whole) {
+        char* orow = static_cast<char*>(p.out) + 2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int col = ROLE * T::HALF_DV + j * 8 + 2 * t4;
+          store_u32(orow + 2 * col, pack2<kBf16>(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l));
+        }
+        if (ROLE == 0 && t4 == 0)
+          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
+              l > 0.f ? (m_run[h] + log2f(l)) * kLn2 : pos_inf();
+      } else {
+        const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
+        float* orow = p.o_accum + (slot * p.m + row) * DV;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int col = ROLE * T::HALF_DV + j * 8 + 2 * t4;
+          *reinterpret_cast<float2*>(orow + col) = make_float2(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l);
+        }
+        if (ROLE == 0 && t4 == 0) p.lse_accum[slot * p.m + row] = l > 0.f ? m_run[h] + log2f(l) : neg_inf();
+      }
+    }
+  }
+}
+
 
 template <class Elem, int D, int DV, int PAGE_BOX, int NQ = 0>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
@@ -572,13 +1023,15 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   float* sSum = sMax + 2 * T::BM;
   const uint32_t bars = sP + T::P_BYTES + T::STAT_BYTES;
   auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
-  auto empty_bar = [&](int stage) { return bars + uint32_t(T::STAGES * T::CHUNKS + stage) * 8u; };
+  auto empty_bar = [&](int stage, int region) { return bars + uint32_t(T::STAGES * T::CHUNKS + 2 * stage + region) * 8u; };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   if (tid == 0) {
     for (int s = 0; s < T::STAGES; ++s) {
       for (int c = 0; c < T::CHUNKS; ++c) mbar_init(full_bar(s, c), 1);
-      mbar_init(empty_bar(s), 8);  // one arrival per consumer warp
+      // One arrival per warp that reads the region: the pair form releases region r from
+      // consumer r's 4 warps, the transposed form each region from all 8 consumer warps.
+      for (int r = 0; r < 2; ++r) mbar_init(empty_bar(s, r), NQ != 0 ? 8 : 4);
     }
     fence_barrier_init();
   }
@@ -629,20 +1082,24 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
           box_tok[b] = __shfl_sync(0xffffffffu, in_page, b);
         }
         const int stage = it % T::STAGES;
-        mbar_wait(empty_bar(stage), ((it / T::STAGES) & 1) ^ 1);
-        if (lane == 0) {
-          const uint32_t dst = sKV + stage * T::STAGE_BYTES;
+        // The two regions of the stage free up separately (each once its readers are done).
 #pragma unroll 1
-          for (int c = 0; c < T::CHUNKS; ++c) {
-            mbar_expect_tx(full_bar(stage, c), uint32_t(nbox * PAGE_BOX * 128));
+        for (int region = 0; region < 2; ++region) {
+          mbar_wait(empty_bar(stage, region), ((it / T::STAGES) & 1) ^ 1);
+          if (lane == 0) {
+            const uint32_t dst = sKV + stage * T::STAGE_BYTES;
+#pragma unroll 1
+            for (int c = region ? T::V_CHUNKS : 0; c < (region ? T::CHUNKS : T::V_CHUNKS); ++c) {
+              mbar_expect_tx(full_bar(stage, c), uint32_t(nbox * PAGE_BOX * 128));
 #pragma unroll
-            for (int b = 0; b < T::BOXES; ++b)
-              if (b < nbox)
-                tma_load_4d(dst + c * T::CHUNK_BYTES + b * PAGE_BOX * 128, &kv_map, full_bar(stage, c), c * 64, hk,
-                            box_tok[b], box_blk[b]);
+              for (int b = 0; b < T::BOXES; ++b)
+                if (b < nbox)
+                  tma_load_4d(dst + c * T::CHUNK_BYTES + b * PAGE_BOX * 128, &kv_map, full_bar(stage, c), c * 64,
+                              hk, box_tok[b], box_blk[b]);
+            }
           }
+          __syncwarp();
         }
-        __syncwarp();
       }
     }
     return;
@@ -656,266 +1113,15 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
                                                   begin_req, end_req, begin_split, hk, token_range);
     return;
   }
-  const int cw = (warp >> 2) - 1;     // consumer 0 or 1
-  const int ctid = tid - 128;         // 0..255 over both consumers
-  const int wtid = ctid & 127;        // thread within the consumer warpgroup
-  const int g = lane >> 2, t4 = lane & 3;
-  const int r0 = (warp & 3) * 16 + g;  // this thread's rows r0 and r0 + 8 of the tile
-  const char* q_base = static_cast<const char*>(p.q);
-  // wgmma descriptor bases (stage 0): Q and this consumer's 32 K rows for S = Q K^T (K-major);
-  // P and this consumer's V columns, read transposed (MN-major), for O += P V.
-  const uint64_t q_desc = make_desc(sQ, 16, 1024);
-  const uint64_t k_desc0 = make_desc(sKV + cw * 32 * 128, 16, 1024);
-  const uint64_t p_desc = make_desc(sP, 16, 1024);
-  const uint64_t v_desc0 = make_desc(sKV + cw * T::V_CHUNKS * T::CHUNK_BYTES, T::CHUNK_BYTES, 1024);
-
-  float o[128];
-  int it = 0;
-  for (int req = begin_req; req <= end_req; ++req) {
-    const int seqlen = p.seqlens[req];
-    int tok_begin, tok_end;
-    const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
-    const int split_idx = req == begin_req ? begin_split : 0;
-    const int split_base = p.num_splits[req];
-    const bool whole = p.num_splits[req + 1] - split_base == 1;
-
-    named_barrier(1, 256);  // both consumers are done with sQ and the row statistics
-    for (int idx = ctid; idx < T::BM * T::CHUNKS * 8; idx += 256) {
-      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
-      const int row = row0 + r;
-      const bool valid = row < p.m;
-      const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
-      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
-                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
-      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_smem();
-    named_barrier(1, 256);
-    // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
-    // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
-    uint32_t qa[T::Q_REG_CHUNKS][4][4];
-#pragma unroll
-    for (int cq = 0; cq < T::Q_REG_CHUNKS; ++cq)
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int r = r0 + 8 * (x & 1), piece = 2 * kk + (x >> 1);
-          const uint32_t a = sQ + (T::Q_SMEM_CHUNKS + cq) * (T::BM * 128) + r * 128 + ((piece ^ (r & 7)) << 4) + t4 * 4;
-          asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(qa[cq][kk][x]) : "r"(a) : "memory");
-        }
-
-    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
-    int vis_end[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + r0 + 8 * h;
-      vis_end[h] = p.causal ? seqlen - p.s_q + min(row, p.m - 1) / p.ngroups + 1 : seqlen;
-    }
-#pragma unroll
-    for (int k = 0; k < 128; ++k) o[k] = 0.f;
-
-    // S = Q K^T over this consumer's 32 tokens of the tile in stage `stage`, issued chunk by
-    // chunk as the chunks land (not waited for). Waiting for the whole tile first instead
-    // costs a third more time even where memory bounds the kernel: the first chunks' wgmmas
-    // overlap the later chunks' loads.
-    float s[16];
-    auto issue_s = [&](int stage, uint32_t phase) {
-      const uint64_t k_desc = desc_add(k_desc0, stage * T::STAGE_BYTES);
-      wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < T::CHUNKS; ++c) {
-        mbar_wait(full_bar(stage, c), phase);
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const uint64_t db = desc_add(k_desc, c * T::CHUNK_BYTES + kk * 32);
-          if (c < T::Q_SMEM_CHUNKS) {
-            const uint64_t da = desc_add(q_desc, c * (T::BM * 128) + kk * 32);
-            wgmma_ss<32, kBf16>(s, da, db, (c | kk) != 0);
-          } else {
-            wgmma_rs<32, kBf16>(s, qa[c - T::Q_SMEM_CHUNKS][kk], db, 1);
-          }
-        }
-      }
-      wgmma_commit();
-    };
-#pragma unroll
-    for (int k = 0; k < 16; ++k) s[k] = 0.f;
-    if (n_tiles > 0) issue_s(it % T::STAGES, (it / T::STAGES) & 1);
-
-    for (int tile = 0; tile < n_tiles; ++tile, ++it) {
-      const int stage = it % T::STAGES;
-      const uint32_t sK = sKV + stage * T::STAGE_BYTES;
-      const int t0 = tok_begin + tile * T::BN;
-      wgmma_wait<0>();  // S of this tile complete (P V of the previous one was waited for)
-      fence_regs<16>(s);
-      fence_regs<128>(o);
-
-      // ---- rows past the request's end hold no data of it (stale or NaN): zero the V rows
-      // this consumer multiplies, before P V reads them.
-      const int valid = seqlen - t0;
-      if (valid < T::BN) {
-        for (int idx = wtid; idx < T::V_CHUNKS * T::BN * 8; idx += 128) {
-          const int c = idx / (T::BN * 8), r = (idx >> 3) % T::BN, j = idx & 7;
-          if (r >= valid) {
-            const uint32_t a = sK + (cw * T::V_CHUNKS + c) * T::CHUNK_BYTES + r * 128 + j * 16;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
-          }
-        }
-        fence_async_smem();
-        named_barrier(2 + cw, 128);
-      }
-
-      // ---- mask, scale to log2 units, row maxima of both consumers ----------------------------
-      // Tiles whose every token is visible to both of this thread's rows skip the masking.
-      float mx[2] = {neg_inf(), neg_inf()};
-      if (t0 + T::BN <= min(tok_end, min(vis_end[0], vis_end[1]))) {
-#pragma unroll
-        for (int k = 0; k < 16; ++k) {
-          s[k] *= p.scale_log2;
-          mx[(k >> 1) & 1] = fmaxf(mx[(k >> 1) & 1], s[k]);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int h = e >> 1;
-            const int tok = t0 + cw * 32 + j * 8 + 2 * t4 + (e & 1);
-            const bool ok = tok < tok_end && tok < vis_end[h];
-            s[j * 4 + e] = ok ? s[j * 4 + e] * p.scale_log2 : neg_inf();
-            mx[h] = fmaxf(mx[h], s[j * 4 + e]);
-          }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      }
-      if (t4 == 0) {
-        sMax[cw * T::BM + r0] = mx[0];
-        sMax[cw * T::BM + r0 + 8] = mx[1];
-      }
-      named_barrier(1, 256);
-      float m_use[2], alpha[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // The reference maximum moves only when the row's maximum grows by more than
-        // kLazyRescale (log2 units): P stays below 2^kLazyRescale, and O is rescaled in few tiles
-        // (the rescale sits between the softmax and P V on the chain of a tile). Both consumers
-        // take the same decision from the same numbers; the lse is exact for any reference.
-        const float m_new = fmaxf(m_run[h], fmaxf(mx[h], sMax[(1 - cw) * T::BM + r0 + 8 * h]));
-        // (a difference, exact by Sterbenz, not m_run + 8, which rounds for huge m_run)
-        const float m_ref = m_new - m_run[h] > kLazyRescale ? m_new : m_run[h];
-        m_use[h] = m_ref == neg_inf() ? 0.f : m_ref;  // a row with nothing visible yet stays at zero
-        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
-        m_run[h] = m_ref;
-      }
-
-      // ---- P = exp2(S - m): registers (own half, wgmma A fragments) and shared memory ---------
-      float rs[2] = {0.f, 0.f};
-#pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        s[k] = fast_exp2(s[k] - m_use[(k >> 1) & 1]);
-        rs[(k >> 1) & 1] += s[k];
-      }
-      l_run[0] = l_run[0] * alpha[0] + rs[0];
-      l_run[1] = l_run[1] * alpha[1] + rs[1];
-      uint32_t pa[2][4];
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        pa[kk][0] = pack2<kBf16>(s[8 * kk + 0], s[8 * kk + 1]);
-        pa[kk][1] = pack2<kBf16>(s[8 * kk + 2], s[8 * kk + 3]);
-        pa[kk][2] = pack2<kBf16>(s[8 * kk + 4], s[8 * kk + 5]);
-        pa[kk][3] = pack2<kBf16>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int piece = cw * 4 + j;  // 16-byte piece of the 128-byte P row
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = r0 + 8 * h;
-          const uint32_t a = sP + r * 128 + ((piece ^ (r & 7)) << 4) + t4 * 4;
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(pa[j >> 1][(j & 1) * 2 + h]) : "memory");
-        }
-      }
-      fence_async_smem();
-
-      // ---- rescale O where a row maximum moved ------------------------------------------------
-      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-        for (int k = 0; k < 128; ++k) o[k] *= alpha[(k >> 1) & 1];
-      }
-
-      // ---- O[:, 256 cw : 256 cw + 256] += P V -------------------------------------------------
-      const uint64_t v_desc = desc_add(v_desc0, stage * T::STAGE_BYTES);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk)  // own tokens, P from registers
-        wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc, (cw * 32 + kk * 16) * 128), 1);
-      wgmma_commit();
-      named_barrier(1, 256);  // the other consumer's half of P is in shared memory
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {  // the other consumer's tokens, P from shared memory
-        const int k0 = (1 - cw) * 32 + kk * 16;
-        wgmma_ss_tb<256, kBf16>(o, desc_add(p_desc, k0 * 2), desc_add(v_desc, k0 * 128), 1);
-      }
-      wgmma_commit();
-      // The next tile's S goes into the tensor-core queue right behind this P V; this stage
-      // is released once P V is complete (S of the next tile may still be running).
-      const bool more = tile + 1 < n_tiles;
-      if (more) {
-        issue_s((it + 1) % T::STAGES, ((it + 1) / T::STAGES) & 1);
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
-      fence_regs<128>(o);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty_bar(stage));
-    }
-
-    // ---- epilogue: row sums of both consumers, then this consumer's 256 columns --------------
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
-      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
-    }
-    if (t4 == 0) {
-      sSum[cw * T::BM + r0] = l_run[0];
-      sSum[cw * T::BM + r0 + 8] = l_run[1];
-    }
-    named_barrier(1, 256);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row0 + r0 + 8 * h;
-      if (row >= p.m) continue;
-      const float l = l_run[h] + sSum[(1 - cw) * T::BM + r0 + 8 * h];
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
-      const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
-      if (whole) {
-        char* orow = static_cast<char*>(p.out) + 2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int col = cw * T::HALF_DV + j * 8 + 2 * t4;
-          store_u32(orow + 2 * col, pack2<kBf16>(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l));
-        }
-        if (cw == 0 && t4 == 0)
-          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
-              l > 0.f ? (m_run[h] + log2f(l)) * kLn2 : pos_inf();
-      } else {
-        const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
-        float* orow = p.o_accum + (slot * p.m + row) * DV;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int col = cw * T::HALF_DV + j * 8 + 2 * t4;
-          *reinterpret_cast<float2*>(orow + col) = make_float2(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l);
-        }
-        if (cw == 0 && t4 == 0) p.lse_accum[slot * p.m + row] = l > 0.f ? m_run[h] + log2f(l) : neg_inf();
-      }
-    }
+  // The role as a constant of each instantiation: a consumer index ptxas cannot prove
+  // warp-uniform among wgmma operands makes it serialize every wgmma (C7520).
+  const int cw = __shfl_sync(0xffffffffu, (warp >> 2) - 1, 0);
+  if (cw == 0) {
+    consume_pairs<Elem, D, DV, PAGE_BOX, 0>(p, sQ, sKV, sP, bars, sMax, sSum, row0, begin_req, end_req, hk,
+                                            token_range);
+  } else {
+    consume_pairs<Elem, D, DV, PAGE_BOX, 1>(p, sQ, sKV, sP, bars, sMax, sSum, row0, begin_req, end_req, hk,
+                                            token_range);
   }
 }
 

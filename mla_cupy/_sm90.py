@@ -49,7 +49,7 @@ def smem_bytes(head_dim, head_dim_v=512):
     compiles): 1 KB of alignment slack, Q, two KV stages, P, row statistics, mbarriers."""
     chunks = head_dim // 64
     return 1024 + chunks * M_TILE * 128 + 2 * chunks * TILE_TOKENS * 128 + M_TILE * 128 + 2 * 2 * M_TILE * 4 \
-        + (2 * chunks + 2) * 8
+        + (2 * chunks + 4) * 8
 
 
 def page_box(page_block_size):
