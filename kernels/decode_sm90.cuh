@@ -671,6 +671,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
     const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
 
     named_barrier(1, 256);  // both consumers are done with sQ (P_B included) and the statistics
+#pragma unroll 1
     for (int idx = ctid; idx < T::BM * T::CHUNKS * 8; idx += 256) {
       const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
       const int row = row0 + r;
