@@ -6,18 +6,16 @@
 //
 //   warpgroup 0  producer: one warp looks up block-table entries and issues the TMA copies of
 //                64-token KV tiles (CHUNKS column chunks of 64 x 64 elements, one mbarrier per
-//                chunk so the math starts on the first chunk) into a two-stage ring.
-//   warpgroups 1, 2  consumers c = 0, 1. For each tile, consumer c computes S = Q K^T for the
-//                tile's tokens [32c, 32c + 32) (wgmma m64n32k16, K from shared memory),
-//                the two exchange their row maxima through shared memory, each turns its half
-//                of S into P (bf16/fp16), keeps it in registers and also stores it to shared
-//                memory, and then accumulates O[:, 256c : 256c + 256] += P V over all 64 tokens
-//                (wgmma m64n256k16: its own half of P from registers, the other consumer's half
-//                from shared memory; V is read transposed from the same K tile).
-//                The next tile's S is issued right behind this P V, so the tensor cores run
-//                the two back to back; a KV stage is released once its P V is complete. Q's
-//                last three column chunks are held in registers (wgmma A fragments), so Q K^T
-//                reads A from shared memory for the other chunks only.
+//                chunk so the math starts on the first chunk) into a two-stage ring. A stage
+//                frees up in two regions (chunks [0, V_CHUNKS), consumer 0's V columns, and the
+//                rest), each loaded again as soon as its readers are done.
+//   warpgroups 1, 2  consumers L and R, the pair form (consume_pairs): tiles go in pairs, L
+//                computes S = Q K^T of the pair's first tile and R of its second (wgmma
+//                m64n64k16 over the whole head dim, Q's last column chunk from registers),
+//                the softmax references pass from L to R through shared memory, each publishes
+//                its P to the other, and each accumulates O[:, 256c : 256c + 256] += P V over
+//                both tiles (wgmma m64n256k16, V read transposed from the K tile). L's softmax
+//                overlaps R's Q K^T and R's softmax overlaps L's P V.
 //   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
 //   With at most 16 query rows (NQ = 16, grid.x = 1) the consumers run the transposed form
 //   instead (consume_transposed: S^T = K Q^T and O^T += V^T P^T, the tokens on the wgmma M side,
@@ -26,9 +24,9 @@
 //   is unused.
 //
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
-// SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B], KV stages
-// [2][CHUNKS][64 tokens][128 B], P [64 rows][128 B], row maxima and sums [2][64] fp32, then
-// the mbarriers. Tokens past a request's length (unloaded or NaN-poisoned cache slots) are
+// SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B] (the pair form publishes
+// R's P in its last chunk, held in registers), KV stages [2][CHUNKS][64 tokens][128 B], P
+// [64 rows][128 B] (L's), row references and sums [2][64] fp32, then the mbarriers. Tokens past a request's length (unloaded or NaN-poisoned cache slots) are
 // masked out of S by selection and their V rows are zeroed before P V, so they never reach
 // the output.
 #pragma once
@@ -320,7 +318,7 @@ MLA_DEVICE void pair_rows(float v0, float v1, bool odd, float& lo, float& hi) {
 }
 
 // ---- consumers of the transposed form (NQ = 16 query rows) ---------------------------------------
-// The row form (the kernel below) pads the m packed query rows to a 64-row wgmma tile: with
+// The pair form (consume_pairs) pads the m packed query rows to a 64-row wgmma tile: with
 // m <= 16, four times the matrix work. The transposed form puts the tile's 64 tokens on the M
 // side: S^T = K Q^T (wgmma m64n16: A the K tile, B Q's 16 rows, both K-major) and
 // O^T += V^T P^T (A the V columns read MN-major, B P^T from shared memory), without padding.
@@ -339,7 +337,7 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
   constexpr int SLOTS = NQ / 4;  // query columns per thread: n = 8 (s / 2) + 2 t4 + s % 2
   constexpr int OB = T::V_CHUNKS;  // 64-column blocks of O^T per consumer
   // 32 columns would also work (m64n32 S^T, a wgmma_ss_ta<32>), but measured 6 % slower than
-  // the row form at 32 rows.
+  // the row form (the pair form's predecessor) at 32 rows.
   static_assert(NQ == 16, "transposed form: 16 query columns");
   static_assert(2 * 12 * NQ * 4 <= (T::BM - NQ) * 128, "scratch fits in Q's first chunk past row NQ");
   auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
@@ -625,9 +623,9 @@ constexpr float kLazyRescale = 8.f;
 //      then R issues the next pair's S_B.
 // So L's softmax overlaps R's Q K^T, and R's softmax overlaps L's P V: the tensor cores take
 // the two consumers' work in turn. A stage is released in two regions: V columns [0, 256)
-// (chunks 0..3) by L once its two P V on it are complete, the rest by R. Named barriers, each
-// one arrive and one sync of 128 threads per pair: M0 (m0 published), M1 (m1 published), PA
-// (P_A' published), PB (P_B published and R's P V on A issued).
+// (chunks 0..3) by L once its two P V on it are complete, the rest by R. Named barriers of 256
+// threads, each one consumer's arrive and the other's sync per pair: M0 (m0 published), M1 (m1
+// published), PA (P_A' published), PB (P_B published and R's P V on A issued).
 template <class Elem, int D, int DV, int PAGE_BOX, int ROLE, class TokenRange>
 MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, uint32_t sP, uint32_t bars,
                               float* sM, float* sSum, int row0, int begin_req, int end_req, int hk,
@@ -659,8 +657,10 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
   const uint64_t k_desc0 = desc_add(q_desc, T::Q_BYTES);
   const uint64_t pa_desc = desc_add(q_desc, T::Q_BYTES + T::STAGES * T::STAGE_BYTES);
   const uint64_t pb_desc = desc_add(q_desc, T::Q_SMEM_CHUNKS * (T::BM * 128));
+  // (V's LBO field: CHUNK_BYTES in place of Q's 16; start addresses stay below 2^18 bytes, so
+  // no field carries into the next)
   const uint64_t v_desc0 = desc_add(q_desc, T::Q_BYTES + ROLE * T::V_CHUNKS * T::CHUNK_BYTES) +
-                           (uint64_t((T::CHUNK_BYTES - 16) >> 4) << 16);  // LBO: CHUNK_BYTES
+                           (uint64_t((T::CHUNK_BYTES - 16) >> 4) << 16);
 
   float o[128];
   float s[32];

@@ -25,7 +25,7 @@ TILE_TOKENS = 64
 THREADS = 384  # producer warpgroup + two consumer warpgroups (DecodeTraits::THREADS)
 M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
 # Problems of at most 16 query rows per KV head take the transposed form (16 query columns);
-# more rows take the row form (64-row tiles). One warmup problem per form. (A transposed form
+# more rows take the pair form (64-row tiles). One warmup problem per form. (A transposed form
 # of 32 columns measured 6 % slower than the row form at 32 rows: both consumers compute the
 # whole S^T, which at 32 columns is more matrix work than the padding it saves.)
 TRANSPOSED_ROWS = (16,)
@@ -41,7 +41,7 @@ class DecodeConfig:
     threads: int = THREADS
     ctas_per_sm: int = 1
     m_tile: int = M_TILE
-    nq: int = 0  # query columns of the transposed form (16); 0: the row form
+    nq: int = 0  # query columns of the transposed form (16); 0: the pair form
 
 
 def smem_bytes(head_dim, head_dim_v=512):
