@@ -622,8 +622,9 @@ constexpr float kLazyRescale = 8.f;
 //   R: O_R is rescaled to m1; O_R += P_B V_B,R (registers), O_R += P_A' V_A,R (shared memory);
 //      then R issues the next pair's S_B.
 // So L's softmax overlaps R's Q K^T, and R's softmax overlaps L's P V: the tensor cores take
-// the two consumers' work in turn. A stage is released in two regions: V columns [0, 256)
-// (chunks 0..3) by L once its two P V on it are complete, the rest by R. Named barriers of 256
+// the two consumers' work in turn. A stage is released in two regions, each by the consumer
+// whose P V reads it, once that P V is complete: V columns [0, 256) (chunks 0..3) by L, the
+// rest by R (the tile's S is complete before either P V starts). Named barriers of 256
 // threads, each one consumer's arrive and the other's sync per pair: M0 (m0 published), M1 (m1
 // published), PA (P_A' published), PB (P_B published and R's P V on A issued).
 template <class Elem, int D, int DV, int PAGE_BOX, int ROLE, class TokenRange>
