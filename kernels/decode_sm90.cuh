@@ -13,7 +13,8 @@
 //                computes S = Q K^T of the pair's first tile and R of its second (wgmma
 //                m64n64k16 over the whole head dim, Q's last column chunk from registers),
 //                the softmax references pass from L to R through shared memory, each publishes
-//                its P to the other, and each accumulates O[:, 256c : 256c + 256] += P V over
+//                its P to the other, and consumer c (L = 0, R = 1) accumulates
+//                O[:, 256 c : 256 c + 256] += P V over
 //                both tiles (wgmma m64n256k16, V read transposed from the K tile). L's softmax
 //                overlaps R's Q K^T and R's softmax overlaps L's P V.
 //   O (64 x 512 fp32) lives in registers split by columns over the two consumers.
@@ -26,9 +27,9 @@
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
 // SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B] (the pair form publishes
 // R's P in its last chunk, held in registers), KV stages [2][CHUNKS][64 tokens][128 B], P
-// [64 rows][128 B] (L's), row references and sums [2][64] fp32, then the mbarriers. Tokens past a request's length (unloaded or NaN-poisoned cache slots) are
-// masked out of S by selection and their V rows are zeroed before P V, so they never reach
-// the output.
+// [64 rows][128 B] (L's), row references and sums [2][64] fp32, then the mbarriers. Tokens
+// past a request's length (unloaded or NaN-poisoned cache slots) are masked out of S by
+// selection and their V rows are zeroed before P V, so they never reach the output.
 #pragma once
 
 namespace mla {
@@ -125,17 +126,7 @@ MLA_DEVICE void wgmma_rs_tb(float* d, const uint32_t* a, uint64_t db, int accumu
 template <int N, bool IsBf16>
 MLA_DEVICE void wgmma_rs(float* d, const uint32_t* a, uint64_t db, int accumulate);
 
-// ---- wgmma instantiations (m64n32 SS and RS, m64n256 SS and RS with B transposed; bf16, fp16) ----
-template <>
-MLA_DEVICE void wgmma_ss<32, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
+// ---- wgmma instantiations (m64n256 SS and RS with B transposed: P V; bf16, fp16) ----
 template <>
 MLA_DEVICE void wgmma_ss_tb<256, true>(float* d, uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
@@ -157,16 +148,6 @@ MLA_DEVICE void wgmma_rs_tb<256, true>(float* d, const uint32_t* a, uint64_t db,
 }
 
 template <>
-MLA_DEVICE void wgmma_ss<32, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-template <>
 MLA_DEVICE void wgmma_ss_tb<256, false>(float* d, uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -183,26 +164,6 @@ MLA_DEVICE void wgmma_rs_tb<256, false>(float* d, const uint32_t* a, uint64_t db
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-}
-
-template <>
-MLA_DEVICE void wgmma_rs<32, true>(float* d, const uint32_t* a, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-}
-
-template <>
-MLA_DEVICE void wgmma_rs<32, false>(float* d, const uint32_t* a, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 }
 
@@ -277,9 +238,10 @@ struct DecodeTraits {
   static constexpr int Q_BYTES = CHUNKS * BM * 128;
   static constexpr int STAGE_BYTES = CHUNKS * CHUNK_BYTES;
   static constexpr int P_BYTES = BM * 128;
-  static constexpr int STAT_BYTES = 2 * 2 * BM * 4;  // row maxima and row sums of both consumers
+  static constexpr int STAT_BYTES = 2 * 2 * BM * 4;  // row references and row sums of both consumers
   // a full barrier per stage and chunk; two empty barriers per stage, one per region: chunks
-  // [0, V_CHUNKS) (consumer 0's V columns) and the rest (consumer 1's V columns and RoPE)
+  // [0, V_CHUNKS) (consumer 0's V columns) and the rest (consumer 1's V columns, and the RoPE
+  // chunk at head dim 576)
   static constexpr int BAR_BYTES = (STAGES * CHUNKS + 2 * STAGES) * 8;
   static constexpr int ALIGN_SLACK = 1024;      // the dynamic window is aligned up to 1024 bytes
   static constexpr int SMEM_BYTES = ALIGN_SLACK + Q_BYTES + STAGES * STAGE_BYTES + P_BYTES + STAT_BYTES + BAR_BYTES;
@@ -636,7 +598,6 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
   constexpr int BAR_M0 = 4, BAR_M1 = 5, BAR_PA = 6, BAR_PB = 7;
   auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
   auto empty_bar = [&](int stage, int region) { return bars + uint32_t(T::STAGES * T::CHUNKS + 2 * stage + region) * 8u; };
-  auto bar_arrive = [](int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int ctid = tid - 128;   // 0..255 over both consumers
@@ -848,7 +809,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
           sM_own[r0] = m_run[0];
           sM_own[r0 + 8] = m_run[1];
         }
-        bar_arrive(BAR_M0);
+        named_barrier_arrive<256>(BAR_M0);
         exp_and_pack(m_use0, rs, pa);
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
@@ -878,7 +839,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
           m_run[h] = m_ref1;
         }
         publish_p(sPA, pa, true, f);  // (P_A rounded twice where f != 1: rare, the reference moves lazily)
-        bar_arrive(BAR_PA);
+        named_barrier_arrive<256>(BAR_PA);
         named_barrier(BAR_PB, 256);  // P_B published (and R's P V on A issued)
         if (__any_sync(0xffffffffu, f[0] != 1.f || f[1] != 1.f)) {
 #pragma unroll
@@ -924,7 +885,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
           sM_own[r0] = m_run[0];
           sM_own[r0 + 8] = m_run[1];
         }
-        bar_arrive(BAR_M1);
+        named_barrier_arrive<256>(BAR_M1);
         if (has_b) exp_and_pack(m_use1, rs, pa);
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
@@ -949,7 +910,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         for (int kk = 0; kk < 4; ++kk)
           wgmma_ss_tb<256, kBf16>(o, desc_add(pa_desc, kk * 32), desc_add(v_desc(ta), kk * 16 * 128), 1);
         wgmma_commit();
-        bar_arrive(BAR_PB);
+        named_barrier_arrive<256>(BAR_PB);
         wgmma_wait<0>();
         fence_regs<128>(o);
         release(ta);
@@ -1012,7 +973,6 @@ template <class Elem, int D, int DV, int PAGE_BOX, int NQ = 0>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TmaDesc kv_map) {
   using T = DecodeTraits<D, DV, PAGE_BOX>;
-  constexpr bool kBf16 = Elem::kIsBf16;
   // Once every CTA of the grid (about one wave) has started, the combine behind it (a
   // programmatic launch) may be scheduled: its CTAs take SMs as they free and wait there.
   pdl_launch_dependents();
@@ -1021,8 +981,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   const uint32_t sQ = (raw_addr + 1023u) & ~1023u;
   const uint32_t sKV = sQ + T::Q_BYTES;
   const uint32_t sP = sKV + T::STAGES * T::STAGE_BYTES;
-  float* sMax = reinterpret_cast<float*>(smem_raw + (sP + T::P_BYTES - raw_addr));
-  float* sSum = sMax + 2 * T::BM;
+  float* sRef = reinterpret_cast<float*>(smem_raw + (sP + T::P_BYTES - raw_addr));
+  float* sSum = sRef + 2 * T::BM;
   const uint32_t bars = sP + T::P_BYTES + T::STAT_BYTES;
   auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
   auto empty_bar = [&](int stage, int region) { return bars + uint32_t(T::STAGES * T::CHUNKS + 2 * stage + region) * 8u; };
@@ -1119,10 +1079,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   // warp-uniform among wgmma operands makes it serialize every wgmma (C7520).
   const int cw = __shfl_sync(0xffffffffu, (warp >> 2) - 1, 0);
   if (cw == 0) {
-    consume_pairs<Elem, D, DV, PAGE_BOX, 0>(p, sQ, sKV, sP, bars, sMax, sSum, row0, begin_req, end_req, hk,
+    consume_pairs<Elem, D, DV, PAGE_BOX, 0>(p, sQ, sKV, sP, bars, sRef, sSum, row0, begin_req, end_req, hk,
                                             token_range);
   } else {
-    consume_pairs<Elem, D, DV, PAGE_BOX, 1>(p, sQ, sKV, sP, bars, sMax, sSum, row0, begin_req, end_req, hk,
+    consume_pairs<Elem, D, DV, PAGE_BOX, 1>(p, sQ, sKV, sP, bars, sRef, sSum, row0, begin_req, end_req, hk,
                                             token_range);
   }
 }

@@ -116,6 +116,11 @@ MLA_DEVICE void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
 MLA_DEVICE void named_barrier(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// Arrive at named barrier `id` of COUNT threads without waiting (the others sync on it).
+template <int COUNT>
+MLA_DEVICE void named_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(COUNT) : "memory");
+}
 
 MLA_DEVICE uint32_t dynamic_smem_bytes() {
   uint32_t r;
