@@ -26,8 +26,9 @@ THREADS = 384  # producer warpgroup + two consumer warpgroups (DecodeTraits::THR
 M_TILE = 64  # packed query rows per CTA (DecodeTraits::BM)
 # Problems of at most 16 query rows per KV head take the transposed form (16 query columns);
 # more rows take the pair form (64-row tiles). One warmup problem per form. (A transposed form
-# of 32 columns measured 6 % slower than the row form at 32 rows: both consumers compute the
-# whole S^T, which at 32 columns is more matrix work than the padding it saves.)
+# of 32 columns measured 6 % slower than the row form, the pair form's predecessor, at 32
+# rows: both consumers compute the whole S^T, which at 32 columns is more matrix work than the
+# padding it saves.)
 TRANSPOSED_ROWS = (16,)
 WARMUP_ROWS = (*TRANSPOSED_ROWS, 64)
 PDL_DRIVER = 12030  # programmatic launches in captured CUDA graphs need a CUDA 12.3 driver

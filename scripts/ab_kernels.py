@@ -7,7 +7,7 @@ version, one after the other on the same machine, and compare each version's rat
 benchmark times in the same process. ``AB_SM90_PARTS_PER_SM=N`` makes the sm90 family ask the
 scheduler for N parts per SM (more parts than resident CTAs: the hardware hands the later ones
 to whichever SM frees first). ``AB_SM90_TRANSPOSED_ROWS=16,32`` sets the query-row counts that
-take the sm90 transposed form (``_sm90.TRANSPOSED_ROWS``; empty: the row form only), for kernel
+take the sm90 transposed form (``_sm90.TRANSPOSED_ROWS``; empty: the pair form only), for kernel
 versions whose transposed form covers other counts.
 """
 

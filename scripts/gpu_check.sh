@@ -153,7 +153,7 @@ echo "FlashInfer peer: $fi_state"
 for line in ${extra_lines[@]+"${extra_lines[@]}"}; do
   echo "$line"
 done
-sed -n '/^call /,$p' "$host_log"
+sed -n '/^call /,/^$/p' "$host_log"
 echo "benchmark (exit $bench_rc, ${bench_s} s)${out_dir:+; JSON lines in $out_dir/bench.jsonl}:"
 # The GPU, date and peer lines of the benchmark's header, then its table (from the "config"
 # header line to the first blank line); all of its output if it printed no table.

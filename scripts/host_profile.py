@@ -227,10 +227,11 @@ def main(argv=None):
         print()
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     if args.breakdown:
-        for case in (cupy_case and [("CuPy", cupy_case[0], cupy_case[2])]) or []:
+        measured = {what for what, med, *_ in rows if med is not None}
+        if cupy_case and f"flash_mla_with_kvcache, CuPy ({shape})" in measured:
             print()
-            print_breakdown(*case, args)
-        if torch_case:
+            print_breakdown("CuPy", cupy_case[0], cupy_case[2], args)
+        if torch_case and f"flash_mla_with_kvcache, torch ({shape})" in measured:
             call, _inputs, sync = case_torch(mla_cupy, arrays)
             print()
             print_breakdown("torch", call, sync, args)
@@ -238,23 +239,27 @@ def main(argv=None):
 
 
 def breakdown_steps(call):
-    """(name, function) of each step of a fast-path call, from the plan `call` has left in the
-    fast-path cache (call it once first): what a call costs, step by step."""
+    """(name, function) of each step of a fast-path call, from the entry `call` leaves in the
+    fast-path cache: what a call costs, step by step. None when the call takes no fast path
+    (e.g. with MLA_CUPY_VALIDATE=1)."""
     from mla_cupy import _launch, interface
 
     call()
-    entry = next(reversed(interface._fast_plans.values()))
     arrays = _fast_arrays(call)
     sig = interface._signature(arrays)
+    if sig is None:
+        return None
+    key = (sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind())
+    entry = interface._cached(interface._fast_plans, key)
+    if entry is None:
+        return None
     stream = entry.stream(entry.framework, entry.device_id)
-    plan = entry.plan
-    launch = plan.launch
+    plan, launch = entry.plan, entry.plan.launch
     o_accum, lse_accum, _held = interface._workspace(entry.device_id, stream, plan.ws_rows, plan.ws_cols)
-    out, out_ptr = entry.new_out()
-    lse, lse_ptr = entry.new_lse()
+    results = entry.new_results()  # the launches below write them: the closures keep them alive
+    out_ptr, lse_ptr = results[1], results[3]
     pointers = sig[2]
     inputs = (*pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)
-    decode = getattr(launch, "decode", None)
     steps = [
         ("whole call", call),
         ("signature of the 8 arguments", lambda: interface._signature(arrays)),
@@ -264,14 +269,15 @@ def breakdown_steps(call):
         ("two result arrays", entry.new_results),
         ("capture check", lambda: interface._capturing(stream)),
         ("workspace lookup", lambda: interface._workspace(entry.device_id, stream, plan.ws_rows, plan.ws_cols)),
-        ("both launches", lambda: launch.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)),
+        ("both launches", lambda: (results, launch.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum,
+                                                          lse_accum))),
     ]
-    if isinstance(decode, _launch.Kernel):
+    decode = getattr(launch, "decode", None)
+    if isinstance(decode, _launch.Kernel) and decode._driver is not None:
         extra = (launch._kv_map(pointers[1]),) if hasattr(launch, "_kv_map") else ()
-        steps.append(("decode launch", lambda: decode(stream, inputs, extra)))
-        kernel = decode
-        steps.append(("cuLaunchKernelEx alone (decode)", lambda: kernel._driver(
-            kernel._config_address, kernel._fn_ptr, kernel._argv_address, None)))
+        steps.append(("decode launch", lambda: (results, decode(stream, inputs, extra))))
+        steps.append(("cuLaunchKernelEx alone (decode)", lambda: (results, decode._driver(
+            decode._config_address, decode._fn_ptr, decode._argv_address, None))))
     return steps
 
 
@@ -283,8 +289,12 @@ def _fast_arrays(call):
 
 
 def print_breakdown(name, call, sync, args):
+    steps = breakdown_steps(call)
+    if steps is None:
+        print(f"{name} call: no fast-path entry to break down (is MLA_CUPY_VALIDATE set?)")
+        return
     print(f"{name} call, step by step (µs per call, plain loop, median of {args.rounds} rounds):")
-    for what, fn in breakdown_steps(call):
+    for what, fn in steps:
         med, _low = host_us(fn, args.calls, args.rounds, sync)
         print(f"  {what:<34} {med:8.2f}")
 

@@ -105,6 +105,8 @@ def test_cupy_fast_path_results_outlive_each_other():
         out, lse = flash_mla_with_kvcache(q, kc, bt, sl, DV, *meta, causal=True)
         assert out.data.ptr + out.nbytes <= lse.data.ptr or lse.data.ptr + lse.nbytes <= out.data.ptr
         assert out.flags.c_contiguous and lse.flags.c_contiguous
+        if i >= 2:  # the fast path: one allocation, lse 256-byte aligned in it
+            assert out.data.mem is lse.data.mem and lse.data.ptr % 256 == 0
         kept.append(lse if i % 2 else out)
         del out, lse
         scratch = [cupy.full(n, np.nan, dtype=cupy.float32) for n in (B * S_Q * H_Q * DV, B * H_Q * S_Q, 1 << 20)]
