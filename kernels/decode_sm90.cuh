@@ -968,7 +968,6 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
   }
 }
 
-
 template <class Elem, int D, int DV, int PAGE_BOX, int NQ = 0>
 __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ TmaDesc kv_map) {
