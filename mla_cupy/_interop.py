@@ -29,6 +29,7 @@ needed) and results are allocated by that framework. Anything else takes the ful
 
 import contextlib
 import dataclasses
+import math
 import sys
 
 import cupy
@@ -524,14 +525,8 @@ def results_factory(framework, device_id, out_shape, out_dtype_name, lse_shape):
             return (*new_out(), *new_lse())
         return make_pair
     out_dtype, lse_dtype = cupy.dtype(out_dtype_name), cupy.dtype("float32")
-    out_bytes = out_dtype.itemsize
-    for n in out_shape:
-        out_bytes *= n
-    lse_offset = -(-out_bytes // _RESULT_ALIGN) * _RESULT_ALIGN
-    lse_bytes = lse_dtype.itemsize
-    for n in lse_shape:
-        lse_bytes *= n
-    total = max(lse_offset + lse_bytes, 1)
+    lse_offset = -(-out_dtype.itemsize * math.prod(out_shape) // _RESULT_ALIGN) * _RESULT_ALIGN
+    total = max(lse_offset + lse_dtype.itemsize * math.prod(lse_shape), 1)
     alloc, ndarray = cupy.cuda.alloc, cupy.ndarray
 
     def make_pair():

@@ -249,8 +249,10 @@ def breakdown_steps(call):
     sig = interface._signature(arrays)
     if sig is None:
         return None
-    key = (sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind())
-    entry = interface._cached(interface._fast_plans, key)
+    def fast_key():  # as flash_mla_with_kvcache builds it for the call's arguments
+        return (sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind())
+
+    entry = interface._cached(interface._fast_plans, fast_key())
     if entry is None:
         return None
     stream = entry.stream(entry.framework, entry.device_id)
@@ -263,8 +265,7 @@ def breakdown_steps(call):
     steps = [
         ("whole call", call),
         ("signature of the 8 arguments", lambda: interface._signature(arrays)),
-        ("fast-path key and lookup", lambda: interface._cached(interface._fast_plans, (
-            sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind()))),
+        ("fast-path key and lookup", lambda: interface._cached(interface._fast_plans, fast_key())),
         ("current stream", lambda: entry.stream(entry.framework, entry.device_id)),
         ("two result arrays", entry.new_results),
         ("capture check", lambda: interface._capturing(stream)),
