@@ -249,6 +249,7 @@ def breakdown_steps(call):
     sig = interface._signature(arrays)
     if sig is None:
         return None
+
     def fast_key():  # as flash_mla_with_kvcache builds it for the call's arguments
         return (sig[1], int, DV, type(None), None, bool, True, bool, False, True, interface._kind())
 
