@@ -494,10 +494,9 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
 #pragma unroll
       for (int b = 0; b < OB; ++b) fence_regs<NR>(o[b]);
       __syncwarp();
-      if (lane == 0) {  // both consumers read every chunk: each warp releases both regions
-        mbar_arrive(empty_bar(stage, 0));
-        mbar_arrive(empty_bar(stage, 1));
-      }
+      // Both consumers read every chunk: the stage goes back whole, through region 1's barrier
+      // (the producer of the transposed form waits on that one only).
+      if (lane == 0) mbar_arrive(empty_bar(stage, 1));
     }
 
     // ---- epilogue: column sums over the consumer's warps, then its 256 output columns --------
@@ -991,7 +990,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     for (int s = 0; s < T::STAGES; ++s) {
       for (int c = 0; c < T::CHUNKS; ++c) mbar_init(full_bar(s, c), 1);
       // One arrival per warp that reads the region: the pair form releases region r from
-      // consumer r's 4 warps, the transposed form each region from all 8 consumer warps.
+      // consumer r's 4 warps, the transposed form a stage whole from all 8 consumer warps
+      // (region 1's barrier; region 0's is not used there).
       for (int r = 0; r < 2; ++r) mbar_init(empty_bar(s, r), NQ != 0 ? 8 : 4);
     }
     fence_barrier_init();
@@ -1043,14 +1043,19 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
           box_tok[b] = __shfl_sync(0xffffffffu, in_page, b);
         }
         const int stage = it % T::STAGES;
-        // The two regions of the stage free up separately (each once its readers are done).
+        // The pair form frees the two regions of a stage separately (each once its readers are
+        // done); the transposed form frees a stage whole, through region 1's barrier, and is
+        // loaded in one go (a second wait on its load path cost 2 % at 16 rows, load-bound).
+        constexpr int kFirstRegion = NQ != 0 ? 1 : 0;
 #pragma unroll 1
-        for (int region = 0; region < 2; ++region) {
+        for (int region = kFirstRegion; region < 2; ++region) {
           mbar_wait(empty_bar(stage, region), ((it / T::STAGES) & 1) ^ 1);
           if (lane == 0) {
             const uint32_t dst = sKV + stage * T::STAGE_BYTES;
+            const int c_begin = region > kFirstRegion ? T::V_CHUNKS : 0;
+            const int c_end = region == 0 ? T::V_CHUNKS : T::CHUNKS;
 #pragma unroll 1
-            for (int c = region ? T::V_CHUNKS : 0; c < (region ? T::CHUNKS : T::V_CHUNKS); ++c) {
+            for (int c = c_begin; c < c_end; ++c) {
               mbar_expect_tx(full_bar(stage, c), uint32_t(nbox * PAGE_BOX * 128));
 #pragma unroll
               for (int b = 0; b < T::BOXES; ++b)
