@@ -279,6 +279,34 @@ MLA_DEVICE void pair_rows(float v0, float v1, bool odd, float& lo, float& hi) {
   hi = select(odd, v1, other);
 }
 
+// Q rows [row0, row0 + ROWS) of request `req` and kv head `hk` into sQ (CHUNKS chunks of
+// [BM rows][128 B], 128-byte swizzle; rows past m read as zero) by the 256 consumer threads
+// (`ctid`), with cp.async; returns once this thread's copies have landed and are visible to the
+// async proxy (the caller's barrier then publishes them). UNROLL: the copy loop's unroll count
+// (0: the compiler's choice).
+template <int ROWS, int CHUNKS, int BM, int UNROLL>
+MLA_DEVICE void load_q(const DecodeParams& p, uint32_t sQ, int req, int hk, int row0, int ctid) {
+  const char* q_base = static_cast<const char*>(p.q);
+  auto copy = [&](int idx) {
+    const int r = idx / (CHUNKS * 8), c = (idx >> 3) % CHUNKS, j = idx & 7;
+    const int row = row0 + r;
+    const bool valid = row < p.m;
+    const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
+    const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
+                                    (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
+    cp_async_16(sQ + c * (BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
+  };
+  if constexpr (UNROLL == 0) {
+    for (int idx = ctid; idx < ROWS * CHUNKS * 8; idx += 256) copy(idx);
+  } else {
+#pragma unroll UNROLL
+    for (int idx = ctid; idx < ROWS * CHUNKS * 8; idx += 256) copy(idx);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_smem();
+}
+
 // ---- consumers of the transposed form (NQ = 16 query rows) ---------------------------------------
 // The pair form (consume_pairs) pads the m packed query rows to a 64-row wgmma tile: with
 // m <= 16, four times the matrix work. The transposed form puts the tile's 64 tokens on the M
@@ -332,17 +360,7 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
     const bool whole = p.num_splits[req + 1] - split_base == 1;
 
     named_barrier(1, 256);  // both consumers are done with sQ
-    for (int idx = ctid; idx < NQ * T::CHUNKS * 8; idx += 256) {
-      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
-      const bool valid = r < p.m;  // one row block: row0 = 0
-      const int i = valid ? r / p.ngroups : 0, gh = valid ? r % p.ngroups : 0;
-      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
-                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
-      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_smem();
+    load_q<NQ, T::CHUNKS, T::BM, 0>(p, sQ, req, hk, 0, ctid);  // one row block: row0 = 0
     named_barrier(1, 256);
 
     float m_run[SLOTS], l_run[SLOTS];  // l_run: this thread's part of the column sums
@@ -632,19 +650,8 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
     const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
 
     named_barrier(1, 256);  // both consumers are done with sQ (P_B included) and the statistics
-#pragma unroll 1
-    for (int idx = ctid; idx < T::BM * T::CHUNKS * 8; idx += 256) {
-      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
-      const int row = row0 + r;
-      const bool valid = row < p.m;
-      const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
-      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
-                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
-      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_smem();
+    // (the copy loop not unrolled: unrolled, it made the fp16 variants spill)
+    load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, req, hk, row0, ctid);
     named_barrier(1, 256);
     // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
     // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
