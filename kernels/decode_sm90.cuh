@@ -279,6 +279,34 @@ MLA_DEVICE void pair_rows(float v0, float v1, bool odd, float& lo, float& hi) {
   hi = select(odd, v1, other);
 }
 
+// Q rows [row0, row0 + ROWS) of request `req` and kv head `hk` into sQ (CHUNKS chunks of
+// [BM rows][128 B], 128-byte swizzle; rows past m read as zero) by the 256 consumer threads
+// (`ctid`), with cp.async; returns once this thread's copies have landed and are visible to the
+// async proxy (the caller's barrier then publishes them). UNROLL: the copy loop's unroll count
+// (0: the compiler's choice).
+template <int ROWS, int CHUNKS, int BM, int UNROLL>
+MLA_DEVICE void load_q(const DecodeParams& p, uint32_t sQ, int req, int hk, int row0, int ctid) {
+  const char* q_base = static_cast<const char*>(p.q);
+  auto copy = [&](int idx) {
+    const int r = idx / (CHUNKS * 8), c = (idx >> 3) % CHUNKS, j = idx & 7;
+    const int row = row0 + r;
+    const bool valid = row < p.m;
+    const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
+    const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
+                                    (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
+    cp_async_16(sQ + c * (BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
+  };
+  if constexpr (UNROLL == 0) {
+    for (int idx = ctid; idx < ROWS * CHUNKS * 8; idx += 256) copy(idx);
+  } else {
+#pragma unroll UNROLL
+    for (int idx = ctid; idx < ROWS * CHUNKS * 8; idx += 256) copy(idx);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_smem();
+}
+
 // ---- consumers of the transposed form (NQ = 16 query rows) ---------------------------------------
 // The pair form (consume_pairs) pads the m packed query rows to a 64-row wgmma tile: with
 // m <= 16, four times the matrix work. The transposed form puts the tile's 64 tokens on the M
@@ -332,17 +360,7 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
     const bool whole = p.num_splits[req + 1] - split_base == 1;
 
     named_barrier(1, 256);  // both consumers are done with sQ
-    for (int idx = ctid; idx < NQ * T::CHUNKS * 8; idx += 256) {
-      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
-      const bool valid = r < p.m;  // one row block: row0 = 0
-      const int i = valid ? r / p.ngroups : 0, gh = valid ? r % p.ngroups : 0;
-      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
-                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
-      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_smem();
+    load_q<NQ, T::CHUNKS, T::BM, 0>(p, sQ, req, hk, 0, ctid);  // one row block: row0 = 0
     named_barrier(1, 256);
 
     float m_run[SLOTS], l_run[SLOTS];  // l_run: this thread's part of the column sums
@@ -494,10 +512,9 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
 #pragma unroll
       for (int b = 0; b < OB; ++b) fence_regs<NR>(o[b]);
       __syncwarp();
-      if (lane == 0) {  // both consumers read every chunk: each warp releases both regions
-        mbar_arrive(empty_bar(stage, 0));
-        mbar_arrive(empty_bar(stage, 1));
-      }
+      // Both consumers read every chunk: the stage goes back whole, through region 1's barrier
+      // (the producer of the transposed form waits on that one only).
+      if (lane == 0) mbar_arrive(empty_bar(stage, 1));
     }
 
     // ---- epilogue: column sums over the consumer's warps, then its 256 output columns --------
@@ -633,19 +650,8 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
     const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
 
     named_barrier(1, 256);  // both consumers are done with sQ (P_B included) and the statistics
-#pragma unroll 1
-    for (int idx = ctid; idx < T::BM * T::CHUNKS * 8; idx += 256) {
-      const int r = idx / (T::CHUNKS * 8), c = (idx >> 3) % T::CHUNKS, j = idx & 7;
-      const int row = row0 + r;
-      const bool valid = row < p.m;
-      const int i = valid ? row / p.ngroups : 0, gh = valid ? row % p.ngroups : 0;
-      const char* src = q_base + 2 * (req * p.q_stride_b + i * p.q_stride_s +
-                                      (int64_t)(hk * p.ngroups + gh) * p.q_stride_h + c * 64 + j * 8);
-      cp_async_16(sQ + c * (T::BM * 128) + r * 128 + ((j ^ (r & 7)) << 4), valid ? src : q_base, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_smem();
+    // (the copy loop not unrolled: unrolled, it made the fp16 variants spill)
+    load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, req, hk, row0, ctid);
     named_barrier(1, 256);
     // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
     // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
@@ -991,7 +997,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
     for (int s = 0; s < T::STAGES; ++s) {
       for (int c = 0; c < T::CHUNKS; ++c) mbar_init(full_bar(s, c), 1);
       // One arrival per warp that reads the region: the pair form releases region r from
-      // consumer r's 4 warps, the transposed form each region from all 8 consumer warps.
+      // consumer r's 4 warps, the transposed form a stage whole from all 8 consumer warps
+      // (region 1's barrier; region 0's is not used there).
       for (int r = 0; r < 2; ++r) mbar_init(empty_bar(s, r), NQ != 0 ? 8 : 4);
     }
     fence_barrier_init();
@@ -1043,14 +1050,19 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
           box_tok[b] = __shfl_sync(0xffffffffu, in_page, b);
         }
         const int stage = it % T::STAGES;
-        // The two regions of the stage free up separately (each once its readers are done).
+        // The pair form frees the two regions of a stage separately (each once its readers are
+        // done); the transposed form frees a stage whole, through region 1's barrier, and is
+        // loaded in one go (a second wait on its load path cost 2 % at 16 rows, load-bound).
+        constexpr int kFirstRegion = NQ != 0 ? 1 : 0;
 #pragma unroll 1
-        for (int region = 0; region < 2; ++region) {
+        for (int region = kFirstRegion; region < 2; ++region) {
           mbar_wait(empty_bar(stage, region), ((it / T::STAGES) & 1) ^ 1);
           if (lane == 0) {
             const uint32_t dst = sKV + stage * T::STAGE_BYTES;
+            const int c_begin = region > kFirstRegion ? T::V_CHUNKS : 0;
+            const int c_end = region == 0 ? T::V_CHUNKS : T::CHUNKS;
 #pragma unroll 1
-            for (int c = region ? T::V_CHUNKS : 0; c < (region ? T::CHUNKS : T::V_CHUNKS); ++c) {
+            for (int c = c_begin; c < c_end; ++c) {
               mbar_expect_tx(full_bar(stage, c), uint32_t(nbox * PAGE_BOX * 128));
 #pragma unroll
               for (int b = 0; b < T::BOXES; ++b)
