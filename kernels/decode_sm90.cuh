@@ -605,14 +605,27 @@ constexpr float kLazyRescale = 8.f;
 // whose P V reads it, once that P V is complete: V columns [0, 256) (chunks 0..3) by L, the
 // rest by R (the tile's S is complete before either P V starts). Named barriers of 256
 // threads, each one consumer's arrive and the other's sync per pair: M0 (m0 published), M1 (m1
-// published), PA (P_A' published), PB (P_B published and R's P V on A issued).
+// published), PA (P_A' published), PB (P_B published and R's P V on A issued). Where both must
+// meet (at each request's start and in the epilogue), L arrives at MEET_L and waits at MEET_R
+// and R the other way round, so that every round of a barrier is waited on at one instruction
+// (the two roles are separate code: bar.sync is aligned, undefined when one round's threads
+// wait at different instructions).
 template <class Elem, int D, int DV, int PAGE_BOX, int ROLE, class TokenRange>
 MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, uint32_t sP, uint32_t bars,
                               float* sM, float* sSum, int row0, int begin_req, int end_req, int hk,
                               TokenRange token_range) {
   using T = DecodeTraits<D, DV, PAGE_BOX>;
   constexpr bool kBf16 = Elem::kIsBf16;
-  constexpr int BAR_M0 = 4, BAR_M1 = 5, BAR_PA = 6, BAR_PB = 7;
+  constexpr int BAR_M0 = 4, BAR_M1 = 5, BAR_PA = 6, BAR_PB = 7, BAR_MEET_L = 8, BAR_MEET_R = 9;
+  auto meet = [] {  // both consumers: what either did before it is seen by both after it
+    if constexpr (ROLE == 0) {
+      named_barrier_arrive<256>(BAR_MEET_L);
+      named_barrier(BAR_MEET_R, 256);
+    } else {
+      named_barrier(BAR_MEET_L, 256);
+      named_barrier_arrive<256>(BAR_MEET_R);
+    }
+  };
   auto full_bar = [&](int stage, int c) { return bars + uint32_t(stage * T::CHUNKS + c) * 8u; };
   auto empty_bar = [&](int stage, int region) { return bars + uint32_t(T::STAGES * T::CHUNKS + 2 * stage + region) * 8u; };
 
@@ -649,10 +662,10 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
     int tok_begin, tok_end;
     const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
 
-    named_barrier(1, 256);  // both consumers are done with sQ (P_B included) and the statistics
+    meet();  // both consumers are done with sQ (P_B included) and the statistics
     // (the copy loop not unrolled: unrolled, it made the fp16 variants spill)
     load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, req, hk, row0, ctid);
-    named_barrier(1, 256);
+    meet();
     // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
     // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
     uint32_t qa[T::Q_REG_CHUNKS][4][4];
@@ -667,7 +680,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
           asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(qa[cq][kk][x]) : "r"(a) : "memory");
         }
     // Both consumers hold their fragments before R publishes P_B over that chunk.
-    named_barrier(1, 256);
+    meet();
 
     float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f};
     int vis_end[2];
@@ -938,7 +951,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
       sSum[ROLE * T::BM + r0] = l_run[0];
       sSum[ROLE * T::BM + r0 + 8] = l_run[1];
     }
-    named_barrier(1, 256);
+    meet();
     // (read here, not kept in registers over the tiles: the scheduler row's begin_split)
     const int split_idx = req == begin_req ? p.sched[blockIdx.z * 8 + 4] : 0;
     const int split_base = p.num_splits[req];
