@@ -65,6 +65,10 @@ MLA_DEVICE void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 MLA_DEVICE void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 // Orders this thread's ordinary shared-memory stores before later async-proxy reads (wgmma, TMA).
+// Bulk prefetch of `bytes` (a multiple of 16, from a 16-byte aligned address) into L2.
+MLA_DEVICE void prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+}
 MLA_DEVICE void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // 4-D tiled TMA load (coordinates innermost first) completing on mbarrier `bar`. The KV cache is
@@ -612,7 +616,7 @@ constexpr float kLazyRescale = 8.f;
 // wait at different instructions).
 template <class Elem, int D, int DV, int PAGE_BOX, int ROLE, class TokenRange>
 MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, uint32_t sP, uint32_t bars,
-                              float* sM, float* sSum, int row0, int begin_req, int end_req, int hk,
+                              float* sM, float* sSum, int row0, int hk,
                               TokenRange token_range) {
   using T = DecodeTraits<D, DV, PAGE_BOX>;
   constexpr bool kBf16 = Elem::kIsBf16;
@@ -657,7 +661,14 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
   float o[128];
   float s[32];
   int it = 0;
-  for (int req = begin_req; req <= end_req; ++req) {
+  // The part's request range is read from the scheduler row where it is used, not held in
+  // registers over the tiles (the fp16 page-8 variants spilled it).
+  auto sched_at = [&](int k) {
+    int v;
+    asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(p.sched + blockIdx.z * 8 + k));
+    return v;
+  };
+  for (int req = sched_at(0); req <= sched_at(1); ++req) {
     const int seqlen = p.seqlens[req];
     int tok_begin, tok_end;
     const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
@@ -951,37 +962,86 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
       sSum[ROLE * T::BM + r0] = l_run[0];
       sSum[ROLE * T::BM + r0 + 8] = l_run[1];
     }
-    meet();
-    // (read here, not kept in registers over the tiles: the scheduler row's begin_split)
-    const int split_idx = req == begin_req ? p.sched[blockIdx.z * 8 + 4] : 0;
+    meet();  // (and every S and P V of both consumers is complete: Q's shared memory is free)
+    const int split_idx = req == sched_at(0) ? sched_at(4) : 0;
     const int split_base = p.num_splits[req];
     const bool whole = p.num_splits[req + 1] - split_base == 1;
+    const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
+    float inv_l[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + r0 + 8 * h;
-      if (row >= p.m) continue;
       const float l = l_run[h] + sSum[(1 - ROLE) * T::BM + r0 + 8 * h];
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
-      const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
-      if (whole) {
-        char* orow = static_cast<char*>(p.out) + 2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h);
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int col = ROLE * T::HALF_DV + j * 8 + 2 * t4;
-          store_u32(orow + 2 * col, pack2<kBf16>(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l));
-        }
-        if (ROLE == 0 && t4 == 0)
+      inv_l[h] = l > 0.f ? 1.f / l : 0.f;
+      if (ROLE == 0 && t4 == 0 && row < p.m) {
+        const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
+        if (whole)
           p.lse[req * p.lse_stride_b + head * p.lse_stride_h + i * p.lse_stride_s] =
               l > 0.f ? (m_run[h] + log2f(l)) * kLn2 : pos_inf();
-      } else {
-        const int64_t slot = (int64_t)(split_base + split_idx) * p.h_kv + hk;
-        float* orow = p.o_accum + (slot * p.m + row) * DV;
+        else
+          p.lse_accum[slot * p.m + row] = l > 0.f ? m_run[h] + log2f(l) : neg_inf();
+      }
+    }
+    // O goes out through shared memory: this consumer's half rows are staged in its 32 KB of
+    // Q's region (16-byte units XOR-swizzled by the row), then each warp copies whole half
+    // rows with 16-byte stores, 512 contiguous bytes per instruction (stored straight from
+    // the fragments, an instruction touched 8 rows: 5 us per request). fp32 partial rows take
+    // two rounds, the rows of fragment half h in round h.
+    const uint32_t stage_o = sQ + ROLE * (T::BM * T::HALF_DV * 2);
+    if (whole) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
-          const int col = ROLE * T::HALF_DV + j * 8 + 2 * t4;
-          *reinterpret_cast<float2*>(orow + col) = make_float2(o[j * 4 + 2 * h] * inv_l, o[j * 4 + 2 * h + 1] * inv_l);
+          const uint32_t a = stage_o + r * 512 + ((j ^ (r & 7)) << 4) + t4 * 4;
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a),
+                       "r"(pack2<kBf16>(o[j * 4 + 2 * h] * inv_l[h], o[j * 4 + 2 * h + 1] * inv_l[h]))
+                       : "memory");
         }
-        if (ROLE == 0 && t4 == 0) p.lse_accum[slot * p.m + row] = l > 0.f ? m_run[h] + log2f(l) : neg_inf();
+      }
+      named_barrier(2 + ROLE, 128);
+      for (int r = warp & 3; r < T::BM; r += 4) {
+        const int row = row0 + r;
+        if (row >= p.m) break;
+        const int i = row / p.ngroups, head = hk * p.ngroups + row % p.ngroups;
+        char* orow = static_cast<char*>(p.out) +
+                     2 * (req * p.o_stride_b + i * p.o_stride_s + (int64_t)head * p.o_stride_h + ROLE * T::HALF_DV);
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(stage_o + r * 512 + ((lane ^ (r & 7)) << 4)));
+        *reinterpret_cast<uint4*>(orow + lane * 16) = v;
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int sr = (warp & 3) * 8 + g;  // staging row of fragment row r0 + 8 h
+        if (h == 1) named_barrier(2 + ROLE, 128);  // round 0 is read out
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int unit = 2 * j + (t4 >> 1);
+          const uint32_t a = stage_o + sr * 1024 + ((unit ^ (sr & 7)) << 4) + (t4 & 1) * 8;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(o[j * 4 + 2 * h] * inv_l[h]),
+                       "f"(o[j * 4 + 2 * h + 1] * inv_l[h])
+                       : "memory");
+        }
+        named_barrier(2 + ROLE, 128);
+        for (int q = warp & 3; q < T::BM / 2; q += 4) {
+          const int r = (q >> 3) * 16 + 8 * h + (q & 7);  // the tile row of staging row q
+          const int row = row0 + r;
+          if (row >= p.m) continue;
+          float* orow = p.o_accum + (slot * p.m + row) * DV + ROLE * T::HALF_DV;
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const int unit = lane + 32 * k;
+            float4 v;
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                         : "r"(stage_o + q * 1024 + ((unit ^ (q & 7)) << 4)));
+            *reinterpret_cast<float4*>(orow + unit * 4) = v;
+          }
+        }
       }
     }
   }
@@ -1021,15 +1081,16 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   const int hk = blockIdx.y;
   const int row0 = blockIdx.x * T::BM;
   const int32_t* sched = p.sched + blockIdx.z * 8;
-  const int begin_req = sched[0], end_req = sched[1];
-  const int begin_block = sched[2], end_block = sched[3], begin_split = sched[4];
-  // Causal: the last row of this CTA sees keys up to seqlen - s_q + i_max.
-  const int i_max = (min(row0 + T::BM, p.m) - 1) / p.ngroups;
+  const int begin_req = sched[0], end_req = sched[1], begin_split = sched[4];
   // Token range [tok_begin, tok_end) of request `req` in this part; producer and consumers
-  // derive the same tile sequence from it.
+  // derive the same tile sequence from it. (Its inputs are read again at each request, not
+  // held in registers over the tiles: the fp16 page-8 consumers spilled them.)
   auto token_range = [&](int req, int seqlen, int& tok_begin, int& tok_end) {
-    tok_begin = req == begin_req ? begin_block * 64 : 0;
-    tok_end = req == end_req ? min(end_block * 64, seqlen) : seqlen;
+    const int32_t* row = p.sched + blockIdx.z * 8;
+    tok_begin = req == row[0] ? row[2] * 64 : 0;
+    tok_end = req == row[1] ? min(row[3] * 64, seqlen) : seqlen;
+    // Causal: the last row of this CTA sees keys up to seqlen - s_q + i_max.
+    const int i_max = (min(row0 + T::BM, p.m) - 1) / p.ngroups;
     if (p.causal) tok_end = min(tok_end, seqlen - p.s_q + i_max + 1);
     return tok_end > tok_begin ? (tok_end - tok_begin + T::BN - 1) / T::BN : 0;
   };
@@ -1086,6 +1147,21 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
           }
           __syncwarp();
         }
+        // With the request's last tile on its way, its successor's Q rows go to L2: the
+        // consumers load them once this request's tiles are done (from DRAM, behind the KV
+        // stream, that load took 4-5 us per request).
+        if (tile == n_tiles - 1 && req < end_req) {
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const int row = row0 + lane + 32 * k;
+            if (lane + 32 * k < T::BM && row < p.m) {
+              const int i = row / p.ngroups, gh = row % p.ngroups;
+              prefetch_l2(static_cast<const char*>(p.q) + 2 * ((req + 1) * p.q_stride_b + i * p.q_stride_s +
+                                                              (int64_t)(hk * p.ngroups + gh) * p.q_stride_h),
+                          D * 2);
+            }
+          }
+        }
       }
     }
     return;
@@ -1103,10 +1179,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   // warp-uniform among wgmma operands makes it serialize every wgmma (C7520).
   const int cw = __shfl_sync(0xffffffffu, (warp >> 2) - 1, 0);
   if (cw == 0) {
-    consume_pairs<Elem, D, DV, PAGE_BOX, 0>(p, sQ, sKV, sP, bars, sRef, sSum, row0, begin_req, end_req, hk,
+    consume_pairs<Elem, D, DV, PAGE_BOX, 0>(p, sQ, sKV, sP, bars, sRef, sSum, row0, hk,
                                             token_range);
   } else {
-    consume_pairs<Elem, D, DV, PAGE_BOX, 1>(p, sQ, sKV, sP, bars, sRef, sSum, row0, begin_req, end_req, hk,
+    consume_pairs<Elem, D, DV, PAGE_BOX, 1>(p, sQ, sKV, sP, bars, sRef, sSum, row0, hk,
                                             token_range);
   }
 }
