@@ -65,10 +65,6 @@ MLA_DEVICE void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 MLA_DEVICE void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 // Orders this thread's ordinary shared-memory stores before later async-proxy reads (wgmma, TMA).
-// Bulk prefetch of `bytes` (a multiple of 16, from a 16-byte aligned address) into L2.
-MLA_DEVICE void prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
 MLA_DEVICE void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // 4-D tiled TMA load (coordinates innermost first) completing on mbarrier `bar`. The KV cache is
@@ -985,8 +981,8 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
     // O goes out through shared memory: this consumer's half rows are staged in its 32 KB of
     // Q's region (16-byte units XOR-swizzled by the row), then each warp copies whole half
     // rows with 16-byte stores, 512 contiguous bytes per instruction (stored straight from
-    // the fragments, an instruction touched 8 rows: 5 us per request). fp32 partial rows take
-    // two rounds, the rows of fragment half h in round h.
+    // the fragments, an instruction touched 8 rows: 5.3 us per request at b128 h128, now 3.7).
+    // fp32 partial rows take two rounds, the rows of fragment half h in round h.
     const uint32_t stage_o = sQ + ROLE * (T::BM * T::HALF_DV * 2);
     if (whole) {
 #pragma unroll
@@ -1083,8 +1079,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
   const int32_t* sched = p.sched + blockIdx.z * 8;
   const int begin_req = sched[0], end_req = sched[1], begin_split = sched[4];
   // Token range [tok_begin, tok_end) of request `req` in this part; producer and consumers
-  // derive the same tile sequence from it. (Its inputs are read again at each request, not
-  // held in registers over the tiles: the fp16 page-8 consumers spilled them.)
+  // derive the same tile sequence from it. (Its inputs are read from the scheduler row at each
+  // request, not held in registers over the tiles.)
   auto token_range = [&](int req, int seqlen, int& tok_begin, int& tok_end) {
     const int32_t* row = p.sched + blockIdx.z * 8;
     tok_begin = req == row[0] ? row[2] * 64 : 0;
@@ -1146,21 +1142,6 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, PAGE_BOX>::THREADS, 1)
             }
           }
           __syncwarp();
-        }
-        // With the request's last tile on its way, its successor's Q rows go to L2: the
-        // consumers load them once this request's tiles are done (from DRAM, behind the KV
-        // stream, that load took 4-5 us per request).
-        if (tile == n_tiles - 1 && req < end_req) {
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            const int row = row0 + lane + 32 * k;
-            if (lane + 32 * k < T::BM && row < p.m) {
-              const int i = row / p.ngroups, gh = row % p.ngroups;
-              prefetch_l2(static_cast<const char*>(p.q) + 2 * ((req + 1) * p.q_stride_b + i * p.q_stride_s +
-                                                              (int64_t)(hk * p.ngroups + gh) * p.q_stride_h),
-                          D * 2);
-            }
-          }
         }
       }
     }
