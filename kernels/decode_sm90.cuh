@@ -281,8 +281,9 @@ MLA_DEVICE void pair_rows(float v0, float v1, bool odd, float& lo, float& hi) {
 
 // Q rows [row0, row0 + ROWS) of request `req` and kv head `hk` into sQ (CHUNKS chunks of
 // [BM rows][128 B], 128-byte swizzle; rows past m read as zero) by the 256 consumer threads
-// (`ctid`), with cp.async: issued here, landed after load_q_wait (then the caller's barrier
-// publishes them). UNROLL: the copy loop's unroll count (0: the compiler's choice).
+// (`ctid`), with cp.async; returns once this thread's copies have landed and are visible to the
+// async proxy (the caller's barrier then publishes them). UNROLL: the copy loop's unroll count
+// (0: the compiler's choice).
 template <int ROWS, int CHUNKS, int BM, int UNROLL>
 MLA_DEVICE void load_q(const DecodeParams& p, uint32_t sQ, int req, int hk, int row0, int ctid) {
   const char* q_base = static_cast<const char*>(p.q);
@@ -302,9 +303,6 @@ MLA_DEVICE void load_q(const DecodeParams& p, uint32_t sQ, int req, int hk, int 
     for (int idx = ctid; idx < ROWS * CHUNKS * 8; idx += 256) copy(idx);
   }
   cp_async_commit();
-}
-// This thread's Q copies have landed and are visible to the async proxy (wgmma).
-MLA_DEVICE void load_q_wait() {
   cp_async_wait<0>();
   fence_async_smem();
 }
@@ -363,7 +361,6 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
 
     named_barrier(1, 256);  // both consumers are done with sQ
     load_q<NQ, T::CHUNKS, T::BM, 0>(p, sQ, req, hk, 0, ctid);  // one row block: row0 = 0
-    load_q_wait();
     named_barrier(1, 256);
 
     float m_run[SLOTS], l_run[SLOTS];  // l_run: this thread's part of the column sums
@@ -667,17 +664,15 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
     asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(p.sched + blockIdx.z * 8 + k));
     return v;
   };
-  // Q of the part's first request; each later request's Q is issued at the end of the request
-  // before it, under that request's output stores (the epilogue below). (The copy loop is not
-  // unrolled: unrolled, it made the fp16 variants spill.)
-  if (sched_at(0) <= sched_at(1)) load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, sched_at(0), hk, row0, ctid);
   for (int req = sched_at(0); req <= sched_at(1); ++req) {
     const int seqlen = p.seqlens[req];
     int tok_begin, tok_end;
     const int n_tiles = token_range(req, seqlen, tok_begin, tok_end);
 
-    load_q_wait();
-    meet();  // Q is in place
+    meet();  // both consumers are done with sQ (P_B included) and the statistics
+    // (the copy loop not unrolled: unrolled, it made the fp16 variants spill)
+    load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, req, hk, row0, ctid);
+    meet();
     // This thread's A fragments of the register-held Q chunks (rows r0 and r0 + 8; k-step kk
     // covers columns 16 kk .. 16 kk + 15 of the chunk, 16-byte pieces 2 kk and 2 kk + 1).
     uint32_t qa[T::Q_REG_CHUNKS][4][4];
@@ -805,10 +800,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         }
       fence_async_smem();
     };
-    // This consumer's region of tile `tile` is read for good. The request's last tile is held
-    // (its regions stage the output in the epilogue) and released there.
-    auto release = [&](int tile) {
-      if (tile == n_tiles - 1) return;
+    auto release = [&](int tile) {  // this consumer's region of tile `tile` is read for good
       __syncwarp();
       if (lane == 0) mbar_arrive(empty_bar((it + tile) % T::STAGES, ROLE));
     };
@@ -967,9 +959,6 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
       sSum[ROLE * T::BM + r0 + 8] = l_run[1];
     }
     meet();  // (and every S and P V of both consumers is complete: Q's shared memory is free)
-    // The next request's Q goes in now, under this request's stores (issued after them, its
-    // load took 4-5 us per request, behind the next tiles' loads).
-    if (n_tiles > 0 && req < sched_at(1)) load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, req + 1, hk, row0, ctid);
     const int split_idx = req == sched_at(0) ? sched_at(4) : 0;
     const int split_base = p.num_splits[req];
     const bool whole = p.num_splits[req + 1] - split_base == 1;
@@ -989,15 +978,12 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
           p.lse_accum[slot * p.m + row] = l > 0.f ? m_run[h] + log2f(l) : neg_inf();
       }
     }
-    // O goes out through shared memory: this consumer's half rows are staged in 32 KB, its own
-    // region of the request's last tile (held, see `release`; Q's region when the request has
-    // no tiles), 16-byte units XOR-swizzled by the row; then each warp copies whole half rows
-    // with 16-byte stores, 512 contiguous bytes per instruction (stored straight from the
-    // fragments, an instruction touched 8 rows: 5.3 us per request at b128 h128). fp32 partial
-    // rows take two rounds, the rows of fragment half h in round h.
-    const uint32_t stage_o = (n_tiles > 0 ? sKV + ((it - 1) % T::STAGES) * T::STAGE_BYTES : sQ) +
-                             ROLE * (T::BM * T::HALF_DV * 2);
-    static_assert(T::V_CHUNKS * T::CHUNK_BYTES == T::BM * T::HALF_DV * 2, "a consumer's region stages its bf16 O");
+    // O goes out through shared memory: this consumer's half rows are staged in its 32 KB of
+    // Q's region (16-byte units XOR-swizzled by the row), then each warp copies whole half
+    // rows with 16-byte stores, 512 contiguous bytes per instruction (stored straight from
+    // the fragments, an instruction touched 8 rows: 5.3 us per request at b128 h128, now 3.7).
+    // fp32 partial rows take two rounds, the rows of fragment half h in round h.
+    const uint32_t stage_o = sQ + ROLE * (T::BM * T::HALF_DV * 2);
     if (whole) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -1053,14 +1039,6 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
           }
         }
       }
-    }
-    if (n_tiles > 0) {  // the held tile's region goes back to the producer
-      fence_async_smem();
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty_bar((it - 1) % T::STAGES, ROLE));
-    } else if (req < sched_at(1)) {  // Q's region is read out: the next request's Q goes in
-      meet();
-      load_q<T::BM, T::CHUNKS, T::BM, 1>(p, sQ, req + 1, hk, row0, ctid);
     }
   }
 }
