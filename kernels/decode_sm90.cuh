@@ -6,9 +6,10 @@
 //
 //   warpgroup 0  producer: one warp looks up block-table entries and issues the TMA copies of
 //                64-token KV tiles (CHUNKS column chunks of 64 x 64 elements, one mbarrier per
-//                chunk so the math starts on the first chunk) into a two-stage ring. A stage
-//                frees up in two regions (chunks [0, V_CHUNKS), consumer 0's V columns, and the
-//                rest), each loaded again as soon as its readers are done.
+//                chunk so the math starts on the first chunk) into a two-stage ring. In the
+//                pair form a stage frees up in two regions (chunks [0, V_CHUNKS), consumer 0's
+//                V columns, and the rest), each loaded again as soon as its readers are done;
+//                the transposed form frees it whole.
 //   warpgroups 1, 2  consumers L and R, the pair form (consume_pairs): tiles go in pairs, L
 //                computes S = Q K^T of the pair's first tile and R of its second (wgmma
 //                m64n64k16 over the whole head dim, Q's last column chunk from registers),
@@ -27,7 +28,8 @@
 // Shared memory (1024-byte aligned regions, 128-byte swizzle everywhere, matching TMA's
 // SWIZZLE_128B and the wgmma descriptors): Q [CHUNKS][64 rows][128 B] (the pair form publishes
 // R's P in its last chunk, held in registers), KV stages [2][CHUNKS][64 tokens][128 B], P
-// [64 rows][128 B] (L's), row references and sums [2][64] fp32, then the mbarriers. Tokens
+// [64 rows][128 B] (L's), row references and sums [2][64] fp32, then the mbarriers. The pair
+// form stages each request's output in Q's region on its way to global memory. Tokens
 // past a request's length (unloaded or NaN-poisoned cache slots) are masked out of S by
 // selection and their V rows are zeroed before P V, so they never reach the output.
 #pragma once
@@ -339,7 +341,6 @@ MLA_DEVICE void consume_transposed(const DecodeParams& p, uint32_t sQ, uint32_t 
   const bool odd = (g & 1) != 0;
   float* red_max = scratch + cw * 12 * NQ;  // [2][4][NQ]
   float* red_sum = red_max + 8 * NQ;        // [4][NQ]
-  const char* q_base = static_cast<const char*>(p.q);
   // wgmma descriptor bases (stage 0): the K tile (A) and Q (B) for S^T, both K-major; this
   // consumer's V columns read transposed (A, MN-major) and its P^T (B, K-major) for O^T.
   const uint32_t sPc = sP + cw * (NQ * 128);
@@ -634,7 +635,6 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
   const int wtid = ctid & 127;  // thread within this consumer
   const int g = lane >> 2, t4 = lane & 3;
   const int r0 = (warp & 3) * 16 + g;  // this thread's rows r0 and r0 + 8 of the tile
-  const char* q_base = static_cast<const char*>(p.q);
   // P_A' (published by L) in the P region, P_B (published by R) in the shared memory of Q's
   // register-held chunk; the reference of each consumer in sM[ROLE][64].
   const uint32_t sPA = sP, sPB = sQ + T::Q_SMEM_CHUNKS * (T::BM * 128);
