@@ -172,6 +172,24 @@ def test_data_scale(std, dtype):
     check_case(inp, True, "data scale")
 
 
+@pytest.mark.parametrize("h_q", [16, 64, 128])
+def test_maxima_that_jump_late(h_q):
+    """A few keys, late in each request, score far above every earlier one for some query rows
+    (jumps of about 10 to 80 in log2 units), so the softmax references move in late tiles, in either
+    tile of a pair: a stale reference shows up as an error of 2^8 or more in those rows."""
+    rng = np.random.default_rng(case_seed("jumps", h_q))
+    inp = make_decode_inputs(2, 1, h_q, page_block_size=64, seqlens=[3000, 2950],
+                             seed=int(rng.integers(1 << 31)))
+    page = inp.page_block_size
+    for b in range(2):
+        head = int(rng.integers(h_q))
+        q_row = inp.q[b, 0, head].astype(np.float64)
+        for token, gain in ((200, 30.0), (1100, 60.0), (2100, 120.0), (2900, 240.0)):
+            block = inp.block_table[b, token // page]
+            inp.k_cache[block, token % page, 0] = (gain * q_row).astype(inp.k_cache.dtype)
+    check_case(inp, False, "late jumps of the row maxima")
+
+
 def test_custom_softmax_scale():
     inp = make_decode_inputs(3, 1, 64, page_block_size=16, mean_seqlen=900, varlen=True,
                              seed=case_seed("scale"))
