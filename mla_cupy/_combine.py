@@ -6,7 +6,9 @@ from . import _compile, _launch, _params
 from .support import DTYPES, HEAD_DIMS
 
 FILES = _compile.COMMON_FILES + ("combine.cuh",)
-WARPS = 8  # per CTA; one warp merges one SLICE_COLUMNS-wide slice of a packed query row
+WARPS = 4  # per CTA; one warp merges one SLICE_COLUMNS-wide slice of a packed query row
+LOADS = 8  # partial-output loads a warp keeps in flight
+CTAS_PER_SM = 8  # resident CTAs per SM (the kernel's register budget)
 SLICE_COLUMNS = 128
 
 
@@ -16,7 +18,9 @@ def expression(dtype, head_dim_v):
 
 def variant(dtype, head_dim_v):
     return _compile.Variant(f"combine_{_compile.dtype_tag(dtype)}_dv{head_dim_v}", (expression(dtype, head_dim_v),),
-                            FILES, checks=(("mla::kCombineWarps", WARPS), ("mla::kCombineSliceColumns", SLICE_COLUMNS)))
+                            FILES, checks=(("mla::kCombineWarps", WARPS), ("mla::kCombineLoads", LOADS),
+                                           ("mla::kCombineCtasPerSm", CTAS_PER_SM),
+                                           ("mla::kCombineSliceColumns", SLICE_COLUMNS)))
 
 
 def all_variants():
@@ -50,17 +54,16 @@ class CombineLaunch:
         self.kernel(stream, (num_splits, o_accum, lse_accum, out, lse))
 
 
-_MAX_CTAS_PER_SM = 2048 // (32 * WARPS)  # the thread limit of an SM
 _SMEM_RESERVED = 1024  # shared memory the hardware reserves per CTA
 
 
 def _spread_bytes(info, ctas):
     """Dynamic shared memory (unused by the kernel) that lets at most ceil(ctas / SMs) combine CTAs
     share an SM. A programmatic combine is scheduled while the decode still runs, onto SMs as
-    they free; without a limit the first few SMs to free would take up to eight CTAs each, and a
+    they free; without a limit the first few SMs to free would take up to CTAS_PER_SM CTAs each, and a
     small grid (one long request: few CTAs, each merging many splits) would run on a few SMs."""
     per_sm = max(1, -(-ctas // info.sms))
-    if per_sm >= _MAX_CTAS_PER_SM:
+    if per_sm >= CTAS_PER_SM:
         return 0
     return info.smem_per_sm // (per_sm + 1) + 1 - _SMEM_RESERVED
 

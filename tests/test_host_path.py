@@ -264,7 +264,7 @@ def test_programmatic_combine_spreads_over_the_sms(ctas):
     info = _launch.DeviceInfo(cc=90, sms=132, smem_per_block=232448, smem_per_sm=233472)
     shared = _combine._spread_bytes(info, ctas)
     per_sm = -(-ctas // info.sms)
-    if per_sm >= 8:  # the thread limit already allows no more than 8
+    if per_sm >= _combine.CTAS_PER_SM:  # the register budget already allows no more
         assert shared == 0
         return
     fits = info.smem_per_sm // (shared + _combine._SMEM_RESERVED)
