@@ -84,9 +84,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, DV, M_TILE, STAGES, WN, MT, BN
 }
 
 // custom call: (num_splits, o_accum, lse_accum) -> (out, lse): every row, single-split requests
-// included (combine_body<..., AllSplit = true>). Grid and block of combine_kernel.
+// included (combine_body<..., AllSplit = true>). Grid and block of combine_kernel; a register
+// budget of 6 CTAs per SM, not 8 (its scalar arguments take registers: at 8, sm_80 spilled).
 template <int DV, class Elem>
-__global__ void __launch_bounds__(32 * kCombineWarps, kCombineCtasPerSm)
+__global__ void __launch_bounds__(32 * kCombineWarps, 6)
     combine_flat_kernel(const int32_t* num_splits, const float* o_accum, const float* lse_accum, void* out,
                         float* lse, int64_t o_stride_b, int64_t o_stride_s, int64_t o_stride_h,
                         int64_t lse_stride_b, int64_t lse_stride_h, int64_t lse_stride_s, int32_t batch,

@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 import pytest
 
-from mla_cupy import UnsupportedDeviceError, _compile, _flat, _params, _portable
+from mla_cupy import UnsupportedDeviceError, _combine, _compile, _flat, _params, _portable
 from mla_cupy._launch import DeviceInfo
 from mla_cupy._select import METADATA_PROBLEM, Problem
 from mla_cupy.scheduler import num_sm_parts
@@ -488,7 +488,7 @@ def test_kernel_call_payload(mj, triton_lib, repo_kernels):
             assert (values["ngroups"], values["m"], values["page_size"], values["causal"]) == (h_q, m, page, 1)
             assert values["scale_log2"] == pytest.approx(d ** -0.5 * 1.4426950408889634, rel=1e-6)
         else:
-            assert call["num_warps"] == 8 and call["shared"] == 0
-            assert call["grid"] == (b * -(-(m * dv // 128) // 8), h_kv, 1)
+            assert call["num_warps"] == _combine.WARPS and call["shared"] == 0
+            assert call["grid"] == (b * -(-(m * dv // 128) // _combine.WARPS), h_kv, 1)
             assert [values[f] for f in ("num_splits", "o_accum", "lse_accum", "out", "lse")] == [4, 16, 4, 16, 4]
             assert (values["batch"], values["h_kv"], values["ngroups"], values["m"]) == (b, h_kv, h_q, m)
