@@ -919,16 +919,11 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         }
         l_run[0] = l_run[0] * alpha[0] + rs[0];
         l_run[1] = l_run[1] * alpha[1] + rs[1];
-        if (has_b) {
-          publish_p(sPB, pa, false, nullptr);
-          zero_tail(tb);
-          // ---- O_R += P_B V_B,R ----------------------------------------------------------------
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(tb), kk * 16 * 128), 1);
-          wgmma_commit();
-        }
-        // ---- O_R += P_A' V_A,R -------------------------------------------------------------------
+        if (has_b) publish_p(sPB, pa, false, nullptr);
+        // ---- O_R += P_A' V_A,R, then O_R += P_B V_B,R --------------------------------------------
+        // A first: R's region of A is the last part of A's stage to be freed, and the next A
+        // tile (the next S_A, L's, which starts the next pair) waits for it; B's stage is not
+        // needed as early (the next S_B waits for the next m0 anyway).
         named_barrier(BAR_PA, 256);
         zero_tail(ta);
         wgmma_fence();
@@ -936,11 +931,25 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         for (int kk = 0; kk < 4; ++kk)
           wgmma_ss_tb<256, kBf16>(o, desc_add(pa_desc, kk * 32), desc_add(v_desc(ta), kk * 16 * 128), 1);
         wgmma_commit();
+        if (has_b) {
+          zero_tail(tb);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(tb), kk * 16 * 128), 1);
+          wgmma_commit();
+        }
         named_barrier_arrive<256>(BAR_PB);
-        wgmma_wait<0>();
-        fence_regs<128>(o);
-        release(ta);
-        if (has_b) release(tb);
+        if (has_b) {
+          wgmma_wait<1>();  // P V on A complete: its region goes back while P V on B runs
+          release(ta);
+          wgmma_wait<0>();
+          fence_regs<128>(o);
+          release(tb);
+        } else {
+          wgmma_wait<0>();
+          fence_regs<128>(o);
+          release(ta);
+        }
         if (more) issue_s(tb + 2, 0, T::CHUNKS);
       }
     }
