@@ -922,8 +922,9 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         if (has_b) publish_p(sPB, pa, false, nullptr);
         // ---- O_R += P_A' V_A,R, then O_R += P_B V_B,R --------------------------------------------
         // A first: R's region of A is the last part of A's stage to be freed, and the next A
-        // tile (the next S_A, L's, which starts the next pair) waits for it; B's stage is not
-        // needed as early (the next S_B waits for the next m0 anyway).
+        // tile (the next S_A, L's, which starts the next pair) waits for it. B's stage is freed
+        // last by L's P V on B, after both of these, so its R region gains nothing from going
+        // back first.
         named_barrier(BAR_PA, 256);
         zero_tail(ta);
         wgmma_fence();
