@@ -22,6 +22,7 @@ constexpr int kCombineLoads = 8;           // partial-output loads a warp keeps 
 constexpr int kCombineCtasPerSm = 8;       // register budget: 8 CTAs of 128 threads per SM
 constexpr int kCombineSliceColumns = 128;  // columns of a row one warp merges, 4 per lane
 static_assert(kCombineSliceColumns == 32 * 4, "a lane merges one float4 of the slice");
+static_assert(32 % kCombineLoads == 0, "a batch of loads never straddles two 32-split chunks of weights");
 
 // The kernel body, shared by combine_kernel and the flat-argument entry of jax_entry.cuh.
 // AllSplit: the decode wrote every request to o_accum / lse_accum (decode_body<..., true>), so
