@@ -805,6 +805,24 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
       if (lane == 0) mbar_arrive(empty_bar((it + tile) % T::STAGES, ROLE));
     };
     auto v_desc = [&](int tile) { return desc_add(v_desc0, ((it + tile) % T::STAGES) * T::STAGE_BYTES); };
+    // O += P V over this consumer's V columns of tile `tile` (one commit group, not waited for;
+    // the tile's V rows past the request's end zeroed first), P from this consumer's registers
+    // (its A fragments pa) or from the other's shared memory (descriptor p_desc).
+    auto pv_regs = [&](int tile, uint32_t (*pa)[4]) {
+      zero_tail(tile);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(tile), kk * 16 * 128), 1);
+      wgmma_commit();
+    };
+    auto pv_smem = [&](int tile, uint64_t p_desc) {
+      zero_tail(tile);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss_tb<256, kBf16>(o, desc_add(p_desc, kk * 32), desc_add(v_desc(tile), kk * 16 * 128), 1);
+      wgmma_commit();
+    };
 
 #pragma unroll
     for (int k = 0; k < 32; ++k) s[k] = 0.f;
@@ -843,12 +861,8 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         }
         l_run[0] = l_run[0] * alpha[0] + rs[0];
         l_run[1] = l_run[1] * alpha[1] + rs[1];
-        zero_tail(ta);
         // ---- O_L += P_A V_A,L ------------------------------------------------------------------
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(ta), kk * 16 * 128), 1);
-        wgmma_commit();
+        pv_regs(ta, pa);
         wgmma_wait<0>();
         fence_regs<128>(o);
         release(ta);
@@ -874,14 +888,7 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         l_run[0] *= f[0];
         l_run[1] *= f[1];
         // ---- O_L += P_B V_B,L, then the next pair's S_A behind it --------------------------------
-        if (has_b) {
-          zero_tail(tb);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            wgmma_ss_tb<256, kBf16>(o, desc_add(pb_desc, kk * 32), desc_add(v_desc(tb), kk * 16 * 128), 1);
-          wgmma_commit();
-        }
+        if (has_b) pv_smem(tb, pb_desc);
         // The next S_A's first region behind it; once P V on B is complete, region L of B goes
         // back to the producer, then the rest of S_A.
         if (more) {
@@ -926,19 +933,8 @@ MLA_DEVICE void consume_pairs(const DecodeParams& p, uint32_t sQ, uint32_t sKV, 
         // last by L's P V on B, after both of these, so its R region gains nothing from going
         // back first.
         named_barrier(BAR_PA, 256);
-        zero_tail(ta);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          wgmma_ss_tb<256, kBf16>(o, desc_add(pa_desc, kk * 32), desc_add(v_desc(ta), kk * 16 * 128), 1);
-        wgmma_commit();
-        if (has_b) {
-          zero_tail(tb);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb<256, kBf16>(o, pa[kk], desc_add(v_desc(tb), kk * 16 * 128), 1);
-          wgmma_commit();
-        }
+        pv_smem(ta, pa_desc);
+        if (has_b) pv_regs(tb, pa);
         named_barrier_arrive<256>(BAR_PB);
         if (has_b) {
           wgmma_wait<1>();  // P V on A complete: its region goes back while P V on B runs
