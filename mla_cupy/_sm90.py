@@ -162,11 +162,12 @@ class DecodeLaunch:
         if config.nq and pb.m > config.nq:  # the transposed form computes one block of nq rows
             raise RuntimeError(f"sm90: transposed form of {config.nq} rows chosen for {pb.m} query rows")
         params, out_strides, lse_strides = _params.decode_block(arrays, pb)
+        row_blocks = -(-pb.m // config.m_tile)
         self.decode = _launch.Kernel(_decode_function(device_id, pb, config),
-                                     (-(-pb.m // config.m_tile), pb.h_kv, pb.num_sm_parts), (config.threads,),
+                                     (row_blocks, pb.h_kv, pb.num_sm_parts), (config.threads,),
                                      config.smem_bytes, params, extra=1)
         self._kv_shape, self._kv_strides = tuple(kv.shape), _tma_strides(kv)
-        self._dtype, self._box = pb.dtype, config.page_box
+        self._dtype, self._box, self._shared_tiles = pb.dtype, config.page_box, row_blocks > 1
         self._maps = {}  # k_cache address -> (host address, bytes) of its tensor map
         self.combine = _combine.CombineLaunch(device_id, pb, out_strides, lse_strides,
                                               programmatic=programmatic_combine())
@@ -176,7 +177,8 @@ class DecodeLaunch:
     def _kv_map(self, kv_ptr):
         entry = self._maps.get(kv_ptr)
         if entry is None:
-            image = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box)
+            image = _driver.encode_kv_map(kv_ptr, self._kv_shape, self._kv_strides, self._dtype, self._box,
+                                          self._shared_tiles)
             if len(self._maps) >= _MAX_MAPS:
                 self._maps.clear()
             entry = self._maps[kv_ptr] = (image.ctypes.data, image)

@@ -240,3 +240,26 @@ def test_relaxed_capture_mode_sets_and_restores_the_threads_mode(monkeypatch):
     with pytest.raises(KeyError), _driver.relaxed_capture_mode():
         raise KeyError("inside")
     assert modes == [0]  # restored when the block raises too
+
+
+def test_kv_map_encodes_the_pool_and_promotes_l2_fetches_by_readers(monkeypatch):
+    from mla_cupy import _driver
+
+    calls = []
+
+    def encode(buf, dtype, rank, ptr, dims, strides, box, elem, interleave, swizzle, promotion, oob):
+        calls.append((dtype, rank, ptr.value, list(dims), list(strides), list(box), swizzle, promotion))
+        return 0
+
+    fake = type("LibCuda", (), {"cuTensorMapEncodeTiled": staticmethod(encode)})()
+    monkeypatch.setattr(_driver, "_libcuda", lambda: fake)
+    shape, strides = (10, 64, 1, 576), (64 * 576 * 2, 576 * 2, 576 * 2, 2)
+    image = _driver.encode_kv_map(0x7000, shape, strides, "bfloat16", 64, shared_tiles=False)
+    assert image.nbytes == 128
+    _driver.encode_kv_map(0x7000, shape, strides, "bfloat16", 64)
+    one, shared = calls
+    # The pool as [num_blocks, page, h_kv, d] innermost first; a box of 64 columns x 64 tokens.
+    assert one[:6] == (9, 4, 0x7000, [576, 1, 64, 10], [1152, 1152, 73728], [64, 1, 64, 1])
+    assert one[6] == _driver._SWIZZLE_128B
+    # One reader per tile: 128-byte L2 fetches; more than one: 256.
+    assert one[7] == _driver._L2_PROMOTION_128B and shared[7] == _driver._L2_PROMOTION_256B
