@@ -50,12 +50,16 @@ class Choice:
     problem: Problem
 
 
-_local = threading.local()
+class _Local(threading.local):
+    kind = None  # the kind forced() sets on this thread (a class default: no lookup miss per call)
+
+
+_local = _Local()
 
 
 def kind():
     """The kernel kind in force on this thread: forced(), else MLA_CUPY_KERNEL ("auto" default)."""
-    return getattr(_local, "kind", None) or CONFIG.kernel
+    return _local.kind or CONFIG.kernel
 
 
 @contextlib.contextmanager
@@ -63,7 +67,7 @@ def forced(kind_):
     """Within the block, this thread's calls use kernel kind `kind_` (one of KERNELS)."""
     if kind_ not in KERNELS:
         raise ValueError(f"kernel kind: expected one of {KERNELS}, got {kind_!r}")
-    prev = getattr(_local, "kind", None)
+    prev = _local.kind
     _local.kind = kind_
     try:
         yield

@@ -1,6 +1,7 @@
 """Kernel selection (``_select``) and the family contract, with made-up devices: no GPU needed."""
 
 import dataclasses
+import threading
 import types
 import warnings
 
@@ -81,6 +82,11 @@ def test_forced_kind_and_its_errors(device):
             with pytest.raises(UnsupportedDeviceError, match="sm90: page_block_size 1 "):
                 _select.decode_choice(0, "bfloat16", 576, 512, 64, 1)
         assert _select.kind() == "portable"
+        seen = []  # a kind forced on this thread is not another thread's
+        other = threading.Thread(target=lambda: seen.append(_select.kind()))
+        other.start()
+        other.join()
+        assert seen == [_select.CONFIG.kernel]
     device(A100)
     with _select.forced("sm90"), pytest.raises(UnsupportedDeviceError, match=r"sm90: needs compute capability 9\.0"):
         _select.decode_choice(0, "bfloat16", 576, 512, 64, 64)
