@@ -20,8 +20,7 @@ Ordering, with no host sync and no copy:
   the consumer's ``from_dlpack`` handshake (JAX) or one event (torch).
 
 The per-call fast path (:func:`signature`, :func:`current_stream_ptr`, :func:`output_factory`,
-:func:`results_factory`)
-serves calls whose arrays are all CuPy arrays or all torch tensors on the current device, with
+:func:`pair_factory`) serves calls whose arrays are all CuPy arrays or all torch tensors on the current device, with
 no ``stream`` argument: pointers, shapes, strides and dtypes are read from the framework's own
 objects, the call runs on that framework's current stream (so no event and no handshake is
 needed) and results are allocated by that framework. Anything else takes the full path above.
@@ -512,26 +511,28 @@ def output_factory(framework, device_id, shape, dtype_name):
 _RESULT_ALIGN = 256  # the second result's offset in a shared allocation (cudaMalloc's alignment)
 
 
-def results_factory(framework, device_id, out_shape, out_dtype_name, lse_shape):
-    """A function of no arguments returning ``(out, out pointer, lse, lse pointer)``: a decode
-    call's two new C-contiguous results (`out` of `out_dtype_name`, `lse` float32), as
-    :func:`output_factory` makes them. CuPy's two share one allocation (one pool request instead
-    of two: the memory returns to the pool when both arrays are gone)."""
+def pair_factory(framework, device_id, first, second):
+    """A function of no arguments returning ``(a, a pointer, b, b pointer)``: two new
+    C-contiguous arrays, `first` and `second` each given as ``(shape, dtype name)``, as
+    :func:`output_factory` makes them (a decode call's out and lse, get_mla_metadata's two
+    results). CuPy's two share one allocation (one pool request instead of two: the memory
+    returns to the pool when both arrays are gone)."""
+    (a_shape, a_dtype_name), (b_shape, b_dtype_name) = first, second
     if framework == "torch":
-        new_out = output_factory(framework, device_id, out_shape, out_dtype_name)
-        new_lse = output_factory(framework, device_id, lse_shape, "float32")
+        new_a = output_factory(framework, device_id, a_shape, a_dtype_name)
+        new_b = output_factory(framework, device_id, b_shape, b_dtype_name)
 
         def make_pair():
-            return (*new_out(), *new_lse())
+            return (*new_a(), *new_b())
         return make_pair
-    out_dtype, lse_dtype = cupy.dtype(out_dtype_name), cupy.dtype("float32")
-    lse_offset = -(-out_dtype.itemsize * math.prod(out_shape) // _RESULT_ALIGN) * _RESULT_ALIGN
-    total = max(lse_offset + lse_dtype.itemsize * math.prod(lse_shape), 1)
+    a_dtype, b_dtype = cupy.dtype(a_dtype_name), cupy.dtype(b_dtype_name)
+    b_offset = -(-a_dtype.itemsize * math.prod(a_shape) // _RESULT_ALIGN) * _RESULT_ALIGN
+    total = max(b_offset + b_dtype.itemsize * math.prod(b_shape), 1)
     alloc, ndarray = cupy.cuda.alloc, cupy.ndarray
 
     def make_pair():
         memory = alloc(total)
-        lse_memory = memory + lse_offset
-        return (ndarray(out_shape, out_dtype, memory), memory.ptr,
-                ndarray(lse_shape, lse_dtype, lse_memory), lse_memory.ptr)
+        b_memory = memory + b_offset
+        return (ndarray(a_shape, a_dtype, memory), memory.ptr,
+                ndarray(b_shape, b_dtype, b_memory), b_memory.ptr)
     return make_pair

@@ -106,14 +106,13 @@ class _FastMetadata:
 
         self.framework, self.device_id = framework, device_id
         self.launch = _metadata.launcher(device_id, batch, parts)
-        self.new_sched = _interop.output_factory(framework, device_id, (parts, _metadata.SCHED_METADATA_SIZE),
-                                                 "int32")
-        self.new_splits = _interop.output_factory(framework, device_id, (batch + 1,), "int32")
+        self.new_results = _interop.pair_factory(framework, device_id,
+                                                 ((parts, _metadata.SCHED_METADATA_SIZE), "int32"),
+                                                 ((batch + 1,), "int32"))
         self.stream = _interop.current_stream_ptr
 
     def run(self, seqlens):
-        sched, sched_ptr = self.new_sched()
-        num_splits, splits_ptr = self.new_splits()
+        sched, sched_ptr, num_splits, splits_ptr = self.new_results()
         self.launch(self.stream(self.framework, self.device_id), seqlens, sched_ptr, splits_ptr)
         return sched, num_splits
 
@@ -129,8 +128,8 @@ class _FastDecode:
         self.launch = plan.launch.launch
         self.new_out = _interop.output_factory(framework, device_id, plan.out_shape, plan.pb.dtype)
         self.new_lse = _interop.output_factory(framework, device_id, plan.lse_shape, "float32")
-        self.new_results = _interop.results_factory(framework, device_id, plan.out_shape, plan.pb.dtype,
-                                                    plan.lse_shape)
+        self.new_results = _interop.pair_factory(framework, device_id, (plan.out_shape, plan.pb.dtype),
+                                                 (plan.lse_shape, "float32"))
         self.stream = _interop.current_stream_ptr
 
     def run(self, pointers, out, lse):

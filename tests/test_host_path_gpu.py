@@ -120,6 +120,28 @@ def test_cupy_fast_path_results_outlive_each_other():
             assert_mla_close(x, cupy.asarray(lse_ref), out_ref, lse_ref, std=base.std, msg=f"out of call {i}")
 
 
+def test_cupy_fast_path_metadata_results_outlive_each_other():
+    # get_mla_metadata's fast path also returns its two results from one allocation: either
+    # one, kept alone while the pool hands out and overwrites memory, keeps the schedule.
+    base = make_decode_inputs(B, S_Q, H_Q, 1, head_dim=D, head_dim_v=DV, page_block_size=PAGE,
+                              mean_seqlen=700, varlen=True, seed=6)
+    sl = cupy.asarray(base.cache_seqlens)
+    want = [cupy.asnumpy(x) for x in get_mla_metadata(sl, S_Q * H_Q, 1)]
+    kept = []
+    for i in range(6):  # from the third call on, the fast path
+        sched, splits = get_mla_metadata(sl, S_Q * H_Q, 1)
+        if i >= 2:
+            assert sched.data.mem is splits.data.mem and splits.data.ptr % 256 == 0
+            assert sched.data.ptr + sched.nbytes <= splits.data.ptr
+        kept.append((i % 2, splits if i % 2 else sched))
+        del sched, splits
+        scratch = [cupy.full(n, -7, dtype=cupy.int32) for n in (1 << 12, 1 << 20)]
+        del scratch
+    cupy.cuda.Device().synchronize()
+    for i, (which, x) in enumerate(kept):
+        np.testing.assert_array_equal(cupy.asnumpy(x), want[which], err_msg=f"result {which} of call {i}")
+
+
 def test_fast_path_still_refuses_what_validation_refuses():
     base, layers = _layers(3)
     q, kc = (cupy.asarray(x) for x in layers[0])
