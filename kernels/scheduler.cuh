@@ -2,8 +2,9 @@
 // (FlashMLA's greedy scheme, mirrored exactly by mla_cupy/scheduler.py).
 //
 // Grid (1), block (32): one warp. Cost of a request = ceil(seqlen / 64) blocks + 5 fixed blocks;
-// each part takes payload = max(ceil(total / parts) + 5, 10) and a request that does not fit is
-// split at a block boundary. Output per part p (8 int32): begin_req, end_req (inclusive),
+// each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or P + (P >> 6)
+// where that at least halves the splits (lanes 0 and 1 walk the batch at the two payloads at
+// once, counting splits), and a request that does not fit is split at a block boundary. Output per part p (8 int32): begin_req, end_req (inclusive),
 // begin_block, end_block (64-token blocks of the first / last request; the last one ends at
 // min(end_block * 64, seqlen)), begin_split_idx, is_first_req_split, is_last_req_split, 0.
 // num_splits[b + 1] are prefix sums of the number of splits of each request. Runs entirely on
@@ -15,6 +16,7 @@ namespace mla {
 MLA_DEVICE int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 constexpr int kMetadataThreads = 32;  // one warp
+constexpr int kSchedPayloadStepShift = 6;  // the larger candidate payload: P + (P >> 6)
 
 // Requests whose block counts are staged in shared memory; later ones are read from global.
 constexpr int kMetadataSmemRequests = 8192;
@@ -34,8 +36,36 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
   __syncwarp();
   auto blocks_of = [&](int i) { return i < kMetadataSmemRequests ? blocks_smem[i] : ceil_div(p.seqlens[i], B); };
 
+  // The greedy walk at `payload`, counting splits (no output): lanes 0 and 1 run it at once.
+  const int base_payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
+  const int larger = base_payload + (base_payload >> kSchedPayloadStepShift);
+  int splits = 0;
+  if (lane < 2 && larger > base_payload) {
+    const int walk_payload = lane == 0 ? base_payload : larger;
+    int now_req = 0, now_block = 0;
+    for (int part = 0; part < p.num_sm_parts && now_req < p.batch; ++part) {
+      int remain = walk_payload;
+      while (now_req < p.batch) {
+        const int left = blocks_of(now_req) - now_block;
+        if (remain >= left + F) {
+          remain -= left + F;
+          ++now_req;
+          now_block = 0;
+        } else {
+          if (remain - F > 0) {
+            now_block += remain - F;
+            ++splits;
+          }
+          break;
+        }
+      }
+    }
+  }
+  const int splits_base = __shfl_sync(0xffffffffu, splits, 0);
+  const int splits_larger = __shfl_sync(0xffffffffu, splits, 1);
+
   if (lane == 0) {
-    const int payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
+    const int payload = splits_base > 0 && 2 * splits_larger <= splits_base ? larger : base_payload;
     int now_req = 0, now_block = 0, now_split = 0, cum = 0;
     p.num_splits[0] = 0;
     for (int part = 0; part < p.num_sm_parts; ++part) {

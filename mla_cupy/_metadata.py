@@ -6,7 +6,7 @@ import functools
 import numpy as np
 
 from . import _compile, _launch, _params
-from .support import SCHED_BLOCK_TOKENS, SCHED_FIXED_OVERHEAD_BLOCKS, SCHED_METADATA_SIZE
+from .support import SCHED_BLOCK_TOKENS, SCHED_FIXED_OVERHEAD_BLOCKS, SCHED_METADATA_SIZE, SCHED_PAYLOAD_STEP_SHIFT
 
 FILES = _compile.COMMON_FILES + ("scheduler.cuh",)
 KERNEL = "mla::metadata_kernel"
@@ -16,7 +16,8 @@ THREADS = 32  # one warp
 @functools.cache
 def variant():
     return _compile.Variant("metadata", (KERNEL,), FILES, checks=(
-        ("mla::kMetadataThreads", THREADS), *SCHEDULE_CHECKS))
+        ("mla::kMetadataThreads", THREADS), ("mla::kSchedPayloadStepShift", SCHED_PAYLOAD_STEP_SHIFT),
+        *SCHEDULE_CHECKS))
 
 
 # The schedule layout every reader and writer of tile_scheduler_metadata shares (params.cuh).

@@ -22,6 +22,9 @@ MIN_COMPUTE_CAPABILITY = (8, 0)
 SCHED_BLOCK_TOKENS = 64
 SCHED_FIXED_OVERHEAD_BLOCKS = 5
 SCHED_METADATA_SIZE = 8
+# The scheduler's larger candidate payload, P + (P >> SCHED_PAYLOAD_STEP_SHIFT) blocks, taken where it
+# at least halves the splits of P (``scheduler.choose_payload``).
+SCHED_PAYLOAD_STEP_SHIFT = 6
 
 # Data types of the auxiliary arrays.
 INDEX_DTYPE = "int32"

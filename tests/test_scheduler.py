@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from mla_cupy.scheduler import num_sm_parts, schedule
+from mla_cupy.scheduler import choose_payload, num_sm_parts, schedule
 from mla_cupy.support import (
     SCHED_BLOCK_TOKENS,
     SCHED_FIXED_OVERHEAD_BLOCKS,
     SCHED_METADATA_SIZE,
+    SCHED_PAYLOAD_STEP_SHIFT,
 )
 
 pytestmark = pytest.mark.cpu
@@ -27,7 +28,9 @@ def check_schedule(seqlens, parts):
 
     blocks = -(-seqlens.astype(np.int64) // B)
     total = int(blocks.sum()) + F * batch
-    payload = max(-(-total // parts) + F, 2 * F)
+    least = max(-(-total // parts) + F, 2 * F)
+    payload = choose_payload(blocks.tolist(), parts)
+    assert payload in (least, least + (least >> SCHED_PAYLOAD_STEP_SHIFT)), context
     splits = np.diff(num_splits)
     assert num_splits[0] == 0, context
     assert (splits >= 1).all(), f"a request without a split: {context}"
@@ -54,6 +57,8 @@ def check_schedule(seqlens, parts):
             assert 0 <= lo <= hi <= blocks[req], f"part {p} request {req}: {context}"
             if blocks[req] > 0:
                 assert hi > lo, f"empty piece of request {req} in part {p}: {context}"
+            if hi < blocks[req]:  # split here: it did not fit in what was left of the payload
+                assert cost + blocks[req] - lo + F > payload, f"part {p} split request {req}: {context}"
             pieces[req].append((lo, hi, begin_split if req == begin_req else 0, p))
             cost += hi - lo + F
         assert cost <= payload, f"part {p} costs {cost} > payload {payload}: {context}"
@@ -105,6 +110,27 @@ def test_hand_worked_examples():
     assert meta[3].tolist() == [1, 1, 78, 100, 3, 1, 1, 0]
     assert splits.tolist() == [0, 1, 5]
     check_schedule([1, 64 * 100], 4)
+
+
+def test_the_larger_payload_where_it_halves_the_splits():
+    # 128 requests of 64 blocks over 33 parts: total 128 * 69 = 8832, P = 268 + 5 = 273. At P
+    # three requests (207) leave 66 of the 69 a fourth costs: 29 splits. At P + (273 >> 6) = 277
+    # every part takes four whole requests: no split, so that payload is taken.
+    assert choose_payload([64] * 128, 33) == 277
+    meta, splits = schedule(np.full(128, 4096, np.int32), 33)
+    assert np.diff(splits).tolist() == [1] * 128
+    assert meta[0].tolist() == [0, 3, 0, 64, 0, 0, 0, 0]
+    assert meta[31].tolist() == [124, 127, 0, 64, 0, 0, 0, 0]
+    assert meta[32].tolist() == [128, 127, 0, 64, 0, 0, 0, 0]  # nothing left for the last part
+    check_schedule(np.full(128, 4096, np.int32), 33)
+    # 127 requests of 65 blocks: P = 270 + 5 = 275; three requests (210) leave 65 of the 70 a
+    # fourth costs, and 279 would not hold four either (280): P stays.
+    assert choose_payload([65] * 127, 33) == 275
+    meta, splits = schedule(np.full(127, 4100, np.int32), 33)
+    assert meta[0].tolist() == [0, 3, 0, 60, 0, 0, 1, 0]
+    check_schedule(np.full(127, 4100, np.int32), 33)
+    # Below 64 blocks the larger payload is P itself: (40 + 20) / 2 + 5.
+    assert choose_payload([10] * 4, 2) == 35
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 7, 66, 132, 264])
