@@ -3,8 +3,8 @@
 //
 // Grid (1), block (32): one warp. Cost of a request = ceil(seqlen / 64) blocks + 5 fixed blocks;
 // each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or P + (P >> 6)
-// where that at least halves the splits (lanes 0 and 1 walk the batch at the two payloads at
-// once, counting splits), and a request that does not fit is split at a block boundary. Output per part p (8 int32): begin_req, end_req (inclusive),
+// where that at least halves the splits (lane 0 writes the schedule at P while lane 1 counts the
+// splits at the larger one), and a request that does not fit is split at a block boundary. Output per part p (8 int32): begin_req, end_req (inclusive),
 // begin_block, end_block (64-token blocks of the first / last request; the last one ends at
 // min(end_block * 64, seqlen)), begin_split_idx, is_first_req_split, is_last_req_split, 0.
 // num_splits[b + 1] are prefix sums of the number of splits of each request. Runs entirely on
@@ -36,49 +36,24 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
   __syncwarp();
   auto blocks_of = [&](int i) { return i < kMetadataSmemRequests ? blocks_smem[i] : ceil_div(p.seqlens[i], B); };
 
-  // The greedy walk at `payload`, counting splits (no output): lanes 0 and 1 run it at once.
-  const int base_payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
-  const int larger = base_payload + (base_payload >> kSchedPayloadStepShift);
-  int splits = 0;
-  if (lane < 2 && larger > base_payload) {
-    const int walk_payload = lane == 0 ? base_payload : larger;
-    int now_req = 0, now_block = 0;
-    for (int part = 0; part < p.num_sm_parts && now_req < p.batch; ++part) {
-      int remain = walk_payload;
-      while (now_req < p.batch) {
-        const int left = blocks_of(now_req) - now_block;
-        if (remain >= left + F) {
-          remain -= left + F;
-          ++now_req;
-          now_block = 0;
-        } else {
-          if (remain - F > 0) {
-            now_block += remain - F;
-            ++splits;
-          }
-          break;
-        }
-      }
-    }
-  }
-  const int splits_base = __shfl_sync(0xffffffffu, splits, 0);
-  const int splits_larger = __shfl_sync(0xffffffffu, splits, 1);
-
-  if (lane == 0) {
-    const int payload = splits_base > 0 && 2 * splits_larger <= splits_base ? larger : base_payload;
-    int now_req = 0, now_block = 0, now_split = 0, cum = 0;
-    p.num_splits[0] = 0;
+  // The greedy walk at `payload`: returns its number of splits and, with `write`, fills the
+  // schedule rows (but for the split flags) and num_splits.
+  auto walk = [&](int payload, bool write) {
+    int now_req = 0, now_block = 0, now_split = 0, cum = 0, splits = 0;
+    if (write) p.num_splits[0] = 0;
     for (int part = 0; part < p.num_sm_parts; ++part) {
       int32_t* row = p.sched + part * kSchedMetadataSize;
-      row[0] = now_req;
-      row[2] = now_block;
-      row[4] = now_split;
+      if (write) {
+        row[0] = now_req;
+        row[2] = now_block;
+        row[4] = now_split;
+      }
       int remain = payload;
       while (now_req < p.batch) {
         const int left = blocks_of(now_req) - now_block;
         if (remain >= left + F) {
           cum += now_split + 1;
-          p.num_splits[now_req + 1] = cum;
+          if (write) p.num_splits[now_req + 1] = cum;
           remain -= left + F;
           ++now_req;
           now_block = 0;
@@ -87,19 +62,33 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
           if (remain - F > 0) {
             now_block += remain - F;
             ++now_split;
+            ++splits;
           }
           break;
         }
       }
-      if (now_block > 0) {
-        row[1] = now_req;
-        row[3] = now_block;
-      } else {
-        row[1] = now_req - 1;
-        row[3] = now_req > 0 ? blocks_of(now_req - 1) : 0;
+      if (write) {
+        if (now_block > 0) {
+          row[1] = now_req;
+          row[3] = now_block;
+        } else {
+          row[1] = now_req - 1;
+          row[3] = now_req > 0 ? blocks_of(now_req - 1) : 0;
+        }
       }
     }
-  }
+    return splits;
+  };
+  // Lane 0 writes the schedule at P while lane 1 counts the splits at the larger payload (the
+  // two walks run at once); where the larger one at least halves the splits, lane 0 writes it
+  // over the first.
+  const int base_payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
+  const int larger = base_payload + (base_payload >> kSchedPayloadStepShift);
+  int splits = 0;
+  if (lane == 0 || (lane == 1 && larger > base_payload)) splits = walk(lane == 0 ? base_payload : larger, lane == 0);
+  const int splits_base = __shfl_sync(0xffffffffu, splits, 0);
+  const int splits_larger = __shfl_sync(0xffffffffu, splits, 1);
+  if (lane == 0 && larger > base_payload && splits_base > 0 && 2 * splits_larger <= splits_base) walk(larger, true);
   __syncthreads();  // num_splits complete and visible to the whole (one-warp) block
 
   for (int part = lane; part < p.num_sm_parts; part += 32) {
