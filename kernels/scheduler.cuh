@@ -4,9 +4,10 @@
 // Grid (1), block (32): one warp. Cost of a request = ceil(seqlen / 64) blocks + 5 fixed blocks;
 // each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or P + (P >> 6)
 // where that at least halves the splits (lane 0 writes the schedule at P while lane 1 counts the
-// splits at the larger one), and a request that does not fit is split at a block boundary. Output per part p (8 int32): begin_req, end_req (inclusive),
-// begin_block, end_block (64-token blocks of the first / last request; the last one ends at
-// min(end_block * 64, seqlen)), begin_split_idx, is_first_req_split, is_last_req_split, 0.
+// splits at the larger one), and a request that does not fit is split at a block boundary.
+// Output per part p (8 int32): begin_req, end_req (inclusive), begin_block, end_block (64-token
+// blocks of the first / last request; the last one ends at min(end_block * 64, seqlen)),
+// begin_split_idx, is_first_req_split, is_last_req_split, 0.
 // num_splits[b + 1] are prefix sums of the number of splits of each request. Runs entirely on
 // the GPU, reading cache_seqlens from device memory: no host sync, safe to capture in a graph.
 #pragma once

@@ -20,10 +20,10 @@ Ordering, with no host sync and no copy:
   the consumer's ``from_dlpack`` handshake (JAX) or one event (torch).
 
 The per-call fast path (:func:`signature`, :func:`current_stream_ptr`, :func:`output_factory`,
-:func:`pair_factory`) serves calls whose arrays are all CuPy arrays or all torch tensors on the current device, with
-no ``stream`` argument: pointers, shapes, strides and dtypes are read from the framework's own
-objects, the call runs on that framework's current stream (so no event and no handshake is
-needed) and results are allocated by that framework. Anything else takes the full path above.
+:func:`pair_factory`) serves calls whose arrays are all CuPy arrays or all torch tensors on the
+current device, with no ``stream`` argument: pointers, shapes, strides and dtypes are read from
+the framework's own objects, the call runs on that framework's current stream (so no event and
+no handshake is needed) and results are allocated by that framework. Anything else takes the full path above.
 """
 
 import contextlib

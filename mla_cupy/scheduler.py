@@ -136,44 +136,17 @@ def schedule(cache_seqlens, num_sm_parts):
         raise ValueError(f"cache_seqlens must be >= 0, got minimum {int(seqlens.min())}")
     parts = _positive_int(num_sm_parts, "num_sm_parts")
 
-    block_tokens = SCHED_BLOCK_TOKENS
-    overhead = SCHED_FIXED_OVERHEAD_BLOCKS
     batch = int(seqlens.shape[0])
     # Python ints: no overflow however long the sequences are.
-    blocks = [-(-int(n) // block_tokens) for n in seqlens]
+    blocks = [-(-int(n) // SCHED_BLOCK_TOKENS) for n in seqlens]
     payload = choose_payload(blocks, parts)
 
     metadata = np.zeros((parts, SCHED_METADATA_SIZE), dtype=np.int32)
     num_splits = np.zeros(batch + 1, dtype=np.int32)
-    now_req = now_block = now_split = 0
-    cumulative = 0
-    for part in range(parts):
-        begin_req, begin_block, begin_split = now_req, now_block, now_split
-        remain = payload
-        while now_req < batch:
-            left = blocks[now_req] - now_block
-            if remain >= left + overhead:
-                # The rest of this request fits: finish it here.
-                cumulative += now_split + 1
-                num_splits[now_req + 1] = cumulative
-                remain -= left + overhead
-                now_req += 1
-                now_block = 0
-                now_split = 0
-            else:
-                # It does not: take what is left of the payload and split the request.
-                if remain - overhead > 0:
-                    now_block += remain - overhead
-                    now_split += 1
-                break
-        if now_block > 0:
-            end_req, end_block = now_req, now_block
-        else:
-            end_req, end_block = now_req - 1, blocks[now_req - 1]
-        metadata[part, :5] = (begin_req, end_req, begin_block, end_block, begin_split)
-    if now_req != batch:
+    placed, _ = _walk(blocks, parts, payload, metadata, num_splits)
+    if placed != batch:
         raise RuntimeError(
-            f"scheduler left requests {now_req}..{batch - 1} unassigned "
+            f"scheduler left requests {placed}..{batch - 1} unassigned "
             f"(num_sm_parts={parts}, payload={payload})")
 
     # Which requests are split is known only once every part is placed.
@@ -186,24 +159,41 @@ def schedule(cache_seqlens, num_sm_parts):
     return metadata, num_splits
 
 
-def _splits_at(blocks, parts, payload):
-    """Splits (pieces beyond one per request) of the greedy walk at `payload`."""
+def _walk(blocks, parts, payload, metadata=None, num_splits=None):
+    """The greedy walk of requests of `blocks` blocks over `parts` parts of `payload` blocks:
+    returns (requests placed, splits), and fills columns 0-4 of `metadata` and `num_splits`
+    when they are given (the kernel's walk, with and without its writes)."""
     overhead = SCHED_FIXED_OVERHEAD_BLOCKS
-    now_req = now_block = splits = 0
-    for _ in range(parts):
+    batch = len(blocks)
+    now_req = now_block = now_split = cumulative = splits = 0
+    for part in range(parts):
+        begin_req, begin_block, begin_split = now_req, now_block, now_split
         remain = payload
-        while now_req < len(blocks):
+        while now_req < batch:
             left = blocks[now_req] - now_block
             if remain >= left + overhead:
+                # The rest of this request fits: finish it here.
+                cumulative += now_split + 1
+                if num_splits is not None:
+                    num_splits[now_req + 1] = cumulative
                 remain -= left + overhead
                 now_req += 1
                 now_block = 0
+                now_split = 0
             else:
+                # It does not: take what is left of the payload and split the request.
                 if remain - overhead > 0:
                     now_block += remain - overhead
+                    now_split += 1
                     splits += 1
                 break
-    return splits
+        if metadata is not None:
+            if now_block > 0:
+                end_req, end_block = now_req, now_block
+            else:
+                end_req, end_block = now_req - 1, blocks[now_req - 1]
+            metadata[part, :5] = (begin_req, end_req, begin_block, end_block, begin_split)
+    return now_req, splits
 
 
 def choose_payload(blocks, parts):
@@ -215,7 +205,7 @@ def choose_payload(blocks, parts):
     payload = max(-(-total // parts) + overhead, 2 * overhead)
     larger = payload + (payload >> SCHED_PAYLOAD_STEP_SHIFT)
     if larger > payload:
-        base = _splits_at(blocks, parts, payload)
-        if base > 0 and 2 * _splits_at(blocks, parts, larger) <= base:
+        base = _walk(blocks, parts, payload)[1]
+        if base > 0 and 2 * _walk(blocks, parts, larger)[1] <= base:
             return larger
     return payload
