@@ -23,7 +23,10 @@ The per-call fast path (:func:`signature`, :func:`current_stream_ptr`, :func:`ou
 :func:`pair_factory`) serves calls whose arrays are all CuPy arrays or all torch tensors on the
 current device, with no ``stream`` argument: pointers, shapes, strides and dtypes are read from
 the framework's own objects, the call runs on that framework's current stream (so no event and
-no handshake is needed) and results are allocated by that framework. Anything else takes the full path above.
+no handshake is needed) and results are allocated by that framework. JAX arrays on one GPU take
+it too (:func:`jax_order`, :class:`JaxResults`): pointers from ``unsafe_buffer_pointer()``, a
+handshake only for inputs not yet ready, CuPy's stream and results, exported through jaxlib's
+DLPack import. Anything else takes the full path above.
 """
 
 import contextlib
@@ -368,6 +371,8 @@ def import_arrays(named, stream=None):
 
     if framework == "torch":
         _register_torch()
+    elif framework == "jax":
+        _register_jax(type(named[framework_arg]))
     ctx_stream, torch_ptr = _resolve_stream(stream, framework, device_id)
     arrays = dict(named)
     foreign = [name for name in present if not isinstance(named[name], cupy.ndarray)]
@@ -462,8 +467,99 @@ def _register_torch():
         _SIGNATURES[tensor] = _torch_signature
 
 
+def _jax_signature(arrays, array_type):
+    # A jax.Array on one GPU: its buffer's pointer, and shape and dtype (its layout is row-major,
+    # JAX's default; arrays given a custom layout under jax.jit are outside this path's reach).
+    key, pointers, device = [], [], None
+    for x in arrays:
+        if x is None:
+            key.append(None)
+            pointers.append(0)
+            continue
+        if type(x) is not array_type:
+            return None
+        x_device = _jax_ordinal(x.device)  # raises for an array on several devices or deleted
+        if x_device is None:
+            return None
+        if device is None:
+            device = x_device
+        elif x_device != device:
+            return None
+        ptr = x.unsafe_buffer_pointer()
+        key.append((x.shape, x.dtype, ptr & 15))
+        pointers.append(ptr)
+    return "jax", (array_type, device, *key), pointers, device
+
+
+_JAX_ORDINALS = {}  # JAX device -> its CUDA ordinal (None: not a GPU)
+
+
+def _jax_ordinal(device):
+    ordinal = _JAX_ORDINALS.get(device, -1)
+    if ordinal == -1:
+        ordinal = device.local_hardware_id if device.platform == "gpu" else None
+        _JAX_ORDINALS[device] = ordinal
+    return ordinal
+
+
+def _register_jax(array_type):
+    """Read jax.Array's type `array_type` on the fast path (the exact type a call's first JAX
+    argument had; JAX's own array class, never a tracer)."""
+    jax = sys.modules.get("jax")
+    base = getattr(jax, "Array", None)
+    if isinstance(base, type) and issubclass(array_type, base) and "Tracer" not in array_type.__name__:
+        _SIGNATURES[array_type] = _jax_signature
+
+
+def jax_order(arrays, stream_ptr):
+    """Make stream `stream_ptr` wait for JAX's pending writes of `arrays` (None entries
+    allowed): DLPack's handshake for each array not ready yet, its capsule dropped at once."""
+    for x in arrays:
+        if x is not None and not x.is_ready():
+            x.__dlpack__(stream=stream_ptr or _CU_STREAM_LEGACY)
+
+
+_CU_STREAM_LEGACY = 1  # DLPack's (and the driver's) name of the legacy default stream
+
+
+class JaxResults:
+    """CuPy results -> jax.Arrays on the same memory, on JAX device `device_id`: JAX's stream for
+    external ready events waits for the CuPy stream current at export (DLPack's handshake, CuPy
+    the producer). Through jaxlib's DLPack import itself where this JAX has it (what
+    ``jax.dlpack.from_dlpack`` calls, without its ~20 µs of Python around it), else through
+    ``jax.dlpack.from_dlpack``."""
+
+    def __init__(self, device_id):
+        import jax
+
+        self.device = next(d for d in jax.devices("gpu") if d.local_hardware_id == device_id)
+        self.to_buffer = None
+        try:
+            from jax._src.lib import _jax, jaxlib_extension_version
+
+            if jaxlib_extension_version >= 467:
+                self.to_buffer = _jax.dlpack_managed_tensor_to_buffer
+        except Exception:  # noqa: BLE001 - another JAX: the public import
+            pass
+        self.public = jax.dlpack.from_dlpack
+        self.array_type = jax.Array
+
+    def __call__(self, array):
+        if self.to_buffer is not None:
+            try:
+                stream = self.device.get_stream_for_external_ready_events()
+                result = self.to_buffer(array.__dlpack__(stream=stream), self.device, stream, None, _DL_CUDA)
+                if isinstance(result, self.array_type):
+                    return result
+            except Exception:  # noqa: BLE001 - not the import this code knows: the public one from now on
+                pass
+            self.to_buffer = None
+        return self.public(array)
+
+
 def current_stream_ptr(framework, device_id):
-    """Address of the current stream of `framework` ("cupy" or "torch") on `device_id`."""
+    """Address of the current stream of `framework` ("cupy", "torch" or "jax", whose calls run
+    on CuPy's) on `device_id`."""
     if framework == "torch":
         return _torch_raw_stream()(device_id)
     return cupy.cuda.get_current_stream(device_id).ptr

@@ -68,7 +68,7 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
                         topk is None, _kind())
             entry = _cached(_fast_metadata, fast_key)
             if entry is not None:
-                return entry.run(sig[2][0])
+                return entry.run(sig[2][0], cache_seqlens)
     arrays, ctx = _import({"cache_seqlens": cache_seqlens}, stream)
     seqlens = arrays["cache_seqlens"]
     key = (ctx.device_id, _array_key(seqlens), *_typed(num_q_tokens_per_head_k, num_heads_k, num_heads_q,
@@ -85,7 +85,8 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
             _validate.check_seqlens_data(seqlens)
         sched, num_splits = _metadata.run(ctx.device_id, ctx.stream, seqlens, parts)
     if fast_key is not None and sig[0] == ctx.framework and sig[3] == ctx.device_id:
-        _remember(_fast_metadata, fast_key, _FastMetadata(sig[0], ctx.device_id, seqlens.shape[0], parts))
+        fast = _FastMetadataJax if sig[0] == "jax" else _FastMetadata
+        _remember(_fast_metadata, fast_key, fast(sig[0], ctx.device_id, seqlens.shape[0], parts))
     return ctx.export(sched), ctx.export(num_splits)
 
 
@@ -97,9 +98,10 @@ _fast_plans = collections.OrderedDict()
 
 
 class _FastMetadata:
-    """get_mla_metadata for a validated signature whose arrays are one framework's (CuPy or
-    torch) on the current device, with no stream argument: the outputs are allocated by that
-    framework and the scheduler runs on its current stream."""
+    """get_mla_metadata for a validated signature whose arrays are one framework's (CuPy,
+    torch or JAX) on the current device, with no stream argument: the outputs are allocated by
+    that framework (JAX: by CuPy, then exported) and the scheduler runs on its current stream
+    (JAX: CuPy's)."""
 
     def __init__(self, framework, device_id, batch, parts):
         from . import _interop
@@ -111,10 +113,28 @@ class _FastMetadata:
                                                  ((batch + 1,), "int32"))
         self.stream = _interop.current_stream_ptr
 
-    def run(self, seqlens):
+    def run(self, seqlens, _arrays=None):
         sched, sched_ptr, num_splits, splits_ptr = self.new_results()
         self.launch(self.stream(self.framework, self.device_id), seqlens, sched_ptr, splits_ptr)
         return sched, num_splits
+
+
+class _FastMetadataJax(_FastMetadata):
+    """_FastMetadata for JAX arrays: the call's stream waits for JAX's pending write of the
+    seqlens first, and the results go back as jax.Arrays."""
+
+    def __init__(self, framework, device_id, batch, parts):
+        from . import _interop
+
+        super().__init__(framework, device_id, batch, parts)
+        self.order, self.export = _interop.jax_order, _interop.JaxResults(device_id)
+
+    def run(self, seqlens, cache_seqlens):
+        stream = self.stream(self.framework, self.device_id)
+        self.order((cache_seqlens,), stream)
+        sched, sched_ptr, num_splits, splits_ptr = self.new_results()
+        self.launch(stream, seqlens, sched_ptr, splits_ptr)
+        return self.export(sched), self.export(num_splits)
 
 
 class _FastDecode:
@@ -132,17 +152,39 @@ class _FastDecode:
                                                  (plan.lse_shape, "float32"))
         self.stream = _interop.current_stream_ptr
 
-    def run(self, pointers, out, lse):
+    def run(self, pointers, out, lse, _arrays=None):
         stream = self.stream(self.framework, self.device_id)
         if out is None and lse is None:
             out, out_ptr, lse, lse_ptr = self.new_results()
         else:
             out, out_ptr = self.new_out() if out is None else (out, pointers[6])
             lse, lse_ptr = self.new_lse() if lse is None else (lse, pointers[7])
+        self.launch_into(stream, pointers, out_ptr, lse_ptr)
+        return out, lse
+
+    def launch_into(self, stream, pointers, out_ptr, lse_ptr):
         plan = self.plan
         o_accum, lse_accum, _held = _workspace(self.device_id, stream, plan.ws_rows, plan.ws_cols)
         self.launch(stream, pointers[:6], out_ptr, lse_ptr, o_accum, lse_accum)
-        return out, lse
+
+
+class _FastDecodeJax(_FastDecode):
+    """_FastDecode for JAX arrays (never out= / lse=: JAX arrays are immutable): the call's
+    stream waits for JAX's pending writes of the inputs first, and the results go back as
+    jax.Arrays."""
+
+    def __init__(self, framework, device_id, plan):
+        from . import _interop
+
+        super().__init__(framework, device_id, plan)
+        self.order, self.export = _interop.jax_order, _interop.JaxResults(device_id)
+
+    def run(self, pointers, out, lse, arrays):
+        stream = self.stream(self.framework, self.device_id)
+        self.order(arrays, stream)
+        out, out_ptr, lse, lse_ptr = self.new_results()
+        self.launch_into(stream, pointers, out_ptr, lse_ptr)
+        return self.export(out), self.export(lse)
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
@@ -194,7 +236,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                         type(is_fp8_kvcache), is_fp8_kvcache, indices is None, _kind())
             entry = _cached(_fast_plans, fast_key)
             if entry is not None:
-                return entry.run(sig[2], out, lse)
+                return entry.run(sig[2], out, lse, (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                                    num_splits))
     named = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
              "out": out, "lse": lse}
@@ -219,7 +262,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                         a["tile_scheduler_metadata"], a["num_splits"])
         out_a, lse_a = plan.run(ctx, a)
     if fast_key is not None and sig[0] == ctx.framework and sig[3] == ctx.device_id:
-        _remember(_fast_plans, fast_key, _FastDecode(sig[0], ctx.device_id, plan))
+        fast = _FastDecodeJax if sig[0] == "jax" else _FastDecode
+        _remember(_fast_plans, fast_key, fast(sig[0], ctx.device_id, plan))
     return ctx.export(out_a), ctx.export(lse_a)
 
 

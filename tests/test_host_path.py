@@ -257,6 +257,100 @@ def test_register_torch_needs_the_real_module(monkeypatch):
     assert _interop._SIGNATURES == before
 
 
+class FakeJaxDevice:
+    def __init__(self, ordinal, platform="gpu"):
+        self.local_hardware_id, self.platform = ordinal, platform
+
+
+GPU0, GPU1, HOST = FakeJaxDevice(0), FakeJaxDevice(1), FakeJaxDevice(0, "cpu")
+
+
+class FakeJaxArray:
+    """A jax.Array stand-in with what the JAX signature reader and jax_order use."""
+
+    def __init__(self, shape, dtype="bf16", ptr=0x1000, device=GPU0, ready=True):
+        self.shape, self.dtype, self._ptr, self._device, self._ready = tuple(shape), dtype, ptr, device, ready
+        self.handshakes = []
+
+    @property
+    def device(self):
+        if self._device is None:
+            raise ValueError("an array on several devices")
+        return self._device
+
+    def unsafe_buffer_pointer(self):
+        return self._ptr
+
+    def is_ready(self):
+        return self._ready
+
+    def __dlpack__(self, stream=None):
+        self.handshakes.append(stream)
+        return object()
+
+
+@pytest.fixture
+def fake_jax_registered(monkeypatch):
+    from mla_cupy import _interop
+
+    monkeypatch.setitem(_interop._SIGNATURES, FakeJaxArray, _interop._jax_signature)
+    return _interop
+
+
+def test_jax_signature_reads_pointers_and_key(fake_jax_registered):
+    interop = fake_jax_registered
+    q, kc = FakeJaxArray((2, 1, 16, 576), ptr=0x2000), FakeJaxArray((8, 64, 1, 576), ptr=0x9000)
+    framework, key, pointers, device = interop.signature((q, kc, None))
+    assert framework == "jax" and device == 0 and pointers == [0x2000, 0x9000, 0]
+    again = interop.signature((FakeJaxArray(q.shape, ptr=0x4000), FakeJaxArray(kc.shape, ptr=0x7770), None))
+    assert again[1] == key and again[2] == [0x4000, 0x7770, 0]
+    on_1 = interop.signature((FakeJaxArray(q.shape, device=GPU1), FakeJaxArray(kc.shape, device=GPU1)))
+    assert on_1[3] == 1 and on_1[1] != key
+
+
+@pytest.mark.parametrize("change", [dict(shape=(2, 1, 16, 512)), dict(dtype="fp16"), dict(ptr=0x2008)])
+def test_jax_signature_key_sees_every_checked_property(fake_jax_registered, change):
+    interop = fake_jax_registered
+    base = dict(shape=(2, 1, 16, 576), dtype="bf16", ptr=0x2000)
+    assert interop.signature((FakeJaxArray(**base),))[1] != interop.signature((FakeJaxArray(**dict(base, **change)),))[1]
+
+
+def test_jax_signature_declines(fake_jax_registered):
+    interop = fake_jax_registered
+    x = FakeJaxArray((4,))
+    assert interop.signature((x, FakeJaxArray((4,), device=GPU1))) is None  # two devices
+    assert interop.signature((x, FakeJaxArray((4,), device=HOST))) is None  # host memory
+    assert interop.signature((x, FakeJaxArray((4,), device=None))) is None  # several devices: raises
+    assert interop.signature((x, np.zeros(4))) is None  # mixed types
+
+
+def test_jax_order_handshakes_only_arrays_not_ready(fake_jax_registered):
+    interop = fake_jax_registered
+    ready, pending = FakeJaxArray((4,)), FakeJaxArray((4,), ready=False)
+    interop.jax_order((ready, None, pending), 0x77)
+    assert ready.handshakes == [] and pending.handshakes == [0x77]
+    interop.jax_order((pending,), 0)  # CuPy's legacy default stream: DLPack's 1, not 0
+    assert pending.handshakes == [0x77, 1]
+
+
+def test_register_jax_takes_only_jax_array_types(monkeypatch):
+    import sys
+
+    from mla_cupy import _interop
+
+    fake_jax = type(sys)("jax")
+    fake_jax.Array = type("Array", (), {})
+    monkeypatch.setitem(sys.modules, "jax", fake_jax)
+    monkeypatch.setattr(_interop, "_SIGNATURES", dict(_interop._SIGNATURES))
+    impl = type("ArrayImpl", (fake_jax.Array,), {})
+    tracer = type("DynamicJaxprTracer", (fake_jax.Array,), {})
+    _interop._register_jax(tracer)
+    _interop._register_jax(FakeJaxArray)  # not a jax.Array
+    assert tracer not in _interop._SIGNATURES and FakeJaxArray not in _interop._SIGNATURES
+    _interop._register_jax(impl)
+    assert _interop._SIGNATURES[impl] is _interop._jax_signature
+
+
 @pytest.mark.parametrize("ctas", [1, 64, 132, 133, 264, 500, 923, 924, 1056, 5000])
 def test_programmatic_combine_spreads_over_the_sms(ctas):
     from mla_cupy import _combine

@@ -282,3 +282,55 @@ def test_torch_graph_of_several_layers(torch_cuda):
     for layer, ((out_ref, lse_ref), out, lse) in enumerate(zip(refs, outs, lses)):
         assert_mla_close(cupy.from_dlpack(out), cupy.from_dlpack(lse), out_ref, lse_ref, std=base.std,
                          msg=f"torch graph replay layer {layer}")
+
+
+@pytest.fixture
+def jax_gpu():
+    jax = pytest.importorskip("jax", reason="JAX is not installed")
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        devices = []
+    if not devices:
+        pytest.skip("JAX has no GPU backend")
+    return jax, devices[0]
+
+
+def test_jax_fast_path_matches_reference_and_waits_for_pending_inputs(jax_gpu):
+    jax, device = jax_gpu
+    import jax.numpy as jnp
+
+    base, layers = _layers(8)
+    refs = _reference(base, layers)
+    bt, sl = (jax.device_put(x, device) for x in (base.block_table, base.cache_seqlens))
+    dev = [tuple(jax.device_put(x, device) for x in layer) for layer in layers]
+    a = jax.device_put(jnp.full((2048, 2048), 1.0 / 2048, jnp.float32), device)
+
+    @jax.jit
+    def late(q, a):  # q again, ~30 ms of matmuls later: still being written when the call comes
+        busy = jax.lax.fori_loop(0, 100, lambda i, y: y @ a, a)
+        return (q.astype(jnp.float32) + 0.0 * busy[0, 0]).astype(q.dtype)
+
+    late(dev[0][0], a).block_until_ready()
+    first = None
+    for step in range(4):  # 0: full path; 1: full path, fast entries made; 2, 3: fast path
+        q_late = late(dev[0][0], a)
+        meta = get_mla_metadata(sl, S_Q * H_Q, 1)
+        assert isinstance(meta[0], jax.Array) and meta[0].shape[1] == 8
+        if step >= 2:
+            assert not q_late.is_ready()  # the call's stream must wait for it
+        results = [flash_mla_with_kvcache(q_late if i == 0 else q, kc, bt, sl, DV, *meta, causal=True)
+                   for i, (q, kc) in enumerate(dev)]
+        jax.block_until_ready(results)
+        if first is None:
+            first = [(_bits(cupy.from_dlpack(o)), _bits(cupy.from_dlpack(lse))) for o, lse in results]
+        for layer, ((out, lse), (out_ref, lse_ref)) in enumerate(zip(results, refs)):
+            assert isinstance(out, jax.Array) and out.dtype == dev[0][0].dtype and out.shape == (B, S_Q, H_Q, DV)
+            assert isinstance(lse, jax.Array) and lse.dtype == jnp.float32 and lse.shape == (B, H_Q, S_Q)
+            out_c, lse_c = cupy.from_dlpack(out), cupy.from_dlpack(lse)
+            assert_mla_close(out_c, lse_c, out_ref, lse_ref, std=base.std, msg=f"jax step {step} layer {layer}")
+            np.testing.assert_array_equal(_bits(out_c), first[layer][0])
+            np.testing.assert_array_equal(_bits(lse_c), first[layer][1])
+            np.testing.assert_array_equal(np.asarray(lse), cupy.asnumpy(lse_c))  # as JAX reads it
+    assert any(isinstance(e, interface._FastDecodeJax) for e in interface._fast_plans.values())
+    assert any(isinstance(e, interface._FastMetadataJax) for e in interface._fast_metadata.values())
