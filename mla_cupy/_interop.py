@@ -468,8 +468,8 @@ def _register_torch():
 
 
 def _jax_signature(arrays, array_type):
-    # A jax.Array on one GPU: its buffer's pointer, and shape and dtype (its layout is row-major,
-    # JAX's default; arrays given a custom layout under jax.jit are outside this path's reach).
+    # A jax.Array in one GPU's memory: its buffer's pointer, shape, dtype and layout (JAX's
+    # default is row-major; an array given another layout under jax.jit gets a key of its own).
     key, pointers, device = [], [], None
     for x in arrays:
         if x is None:
@@ -478,27 +478,36 @@ def _jax_signature(arrays, array_type):
             continue
         if type(x) is not array_type:
             return None
-        x_device = _jax_ordinal(x.device)  # raises for an array on several devices or deleted
+        sharding = x.sharding
+        x_device = _JAX_ORDINALS.get(sharding, -1)
+        if x_device == -1:
+            x_device = _jax_ordinal(sharding)
         if x_device is None:
             return None
         if device is None:
             device = x_device
         elif x_device != device:
             return None
-        ptr = x.unsafe_buffer_pointer()
-        key.append((x.shape, x.dtype, ptr & 15))
+        ptr = x.unsafe_buffer_pointer()  # raises for a deleted array: the full path says so
+        shape = x.shape
+        key.append((shape, x.dtype, ptr & 15, x._pjrt_layout if len(shape) > 1 else None))
         pointers.append(ptr)
     return "jax", (array_type, device, *key), pointers, device
 
 
-_JAX_ORDINALS = {}  # JAX device -> its CUDA ordinal (None: not a GPU)
+_JAX_ORDINALS = {}  # JAX sharding -> the CUDA ordinal of its one GPU (None: anything else)
 
 
-def _jax_ordinal(device):
-    ordinal = _JAX_ORDINALS.get(device, -1)
-    if ordinal == -1:
-        ordinal = device.local_hardware_id if device.platform == "gpu" else None
-        _JAX_ORDINALS[device] = ordinal
+def _jax_ordinal(sharding):
+    devices = sharding.device_set
+    ordinal = None
+    if len(devices) == 1 and getattr(sharding, "memory_kind", None) in (None, "device"):
+        device, = devices
+        if device.platform == "gpu":
+            ordinal = device.local_hardware_id
+    if len(_JAX_ORDINALS) >= 64:
+        _JAX_ORDINALS.clear()
+    _JAX_ORDINALS[sharding] = ordinal
     return ordinal
 
 

@@ -262,21 +262,22 @@ class FakeJaxDevice:
         self.local_hardware_id, self.platform = ordinal, platform
 
 
+class FakeSharding:
+    def __init__(self, *devices, memory_kind="device"):
+        self.device_set, self.memory_kind = frozenset(devices), memory_kind
+
+
 GPU0, GPU1, HOST = FakeJaxDevice(0), FakeJaxDevice(1), FakeJaxDevice(0, "cpu")
+ON_0, ON_1 = FakeSharding(GPU0), FakeSharding(GPU1)
 
 
 class FakeJaxArray:
     """A jax.Array stand-in with what the JAX signature reader and jax_order use."""
 
-    def __init__(self, shape, dtype="bf16", ptr=0x1000, device=GPU0, ready=True):
-        self.shape, self.dtype, self._ptr, self._device, self._ready = tuple(shape), dtype, ptr, device, ready
+    def __init__(self, shape, dtype="bf16", ptr=0x1000, sharding=ON_0, ready=True, layout="{3,2,1,0}"):
+        self.shape, self.dtype, self._ptr, self.sharding, self._ready = tuple(shape), dtype, ptr, sharding, ready
+        self._pjrt_layout = layout
         self.handshakes = []
-
-    @property
-    def device(self):
-        if self._device is None:
-            raise ValueError("an array on several devices")
-        return self._device
 
     def unsafe_buffer_pointer(self):
         return self._ptr
@@ -294,6 +295,7 @@ def fake_jax_registered(monkeypatch):
     from mla_cupy import _interop
 
     monkeypatch.setitem(_interop._SIGNATURES, FakeJaxArray, _interop._jax_signature)
+    monkeypatch.setattr(_interop, "_JAX_ORDINALS", {})
     return _interop
 
 
@@ -304,11 +306,12 @@ def test_jax_signature_reads_pointers_and_key(fake_jax_registered):
     assert framework == "jax" and device == 0 and pointers == [0x2000, 0x9000, 0]
     again = interop.signature((FakeJaxArray(q.shape, ptr=0x4000), FakeJaxArray(kc.shape, ptr=0x7770), None))
     assert again[1] == key and again[2] == [0x4000, 0x7770, 0]
-    on_1 = interop.signature((FakeJaxArray(q.shape, device=GPU1), FakeJaxArray(kc.shape, device=GPU1)))
+    on_1 = interop.signature((FakeJaxArray(q.shape, sharding=ON_1), FakeJaxArray(kc.shape, sharding=ON_1)))
     assert on_1[3] == 1 and on_1[1] != key
 
 
-@pytest.mark.parametrize("change", [dict(shape=(2, 1, 16, 512)), dict(dtype="fp16"), dict(ptr=0x2008)])
+@pytest.mark.parametrize("change", [dict(shape=(2, 1, 16, 512)), dict(dtype="fp16"), dict(ptr=0x2008),
+                                    dict(layout="{0,1,2,3}")])
 def test_jax_signature_key_sees_every_checked_property(fake_jax_registered, change):
     interop = fake_jax_registered
     base = dict(shape=(2, 1, 16, 576), dtype="bf16", ptr=0x2000)
@@ -318,10 +321,15 @@ def test_jax_signature_key_sees_every_checked_property(fake_jax_registered, chan
 def test_jax_signature_declines(fake_jax_registered):
     interop = fake_jax_registered
     x = FakeJaxArray((4,))
-    assert interop.signature((x, FakeJaxArray((4,), device=GPU1))) is None  # two devices
-    assert interop.signature((x, FakeJaxArray((4,), device=HOST))) is None  # host memory
-    assert interop.signature((x, FakeJaxArray((4,), device=None))) is None  # several devices: raises
+    assert interop.signature((x, FakeJaxArray((4,), sharding=ON_1))) is None  # two devices
+    assert interop.signature((x, FakeJaxArray((4,), sharding=FakeSharding(HOST)))) is None  # a CPU array
+    assert interop.signature((x, FakeJaxArray((4,), sharding=FakeSharding(GPU0, GPU1)))) is None  # sharded
+    pinned = FakeSharding(GPU0, memory_kind="pinned_host")
+    assert interop.signature((x, FakeJaxArray((4,), sharding=pinned))) is None  # host memory of a GPU
     assert interop.signature((x, np.zeros(4))) is None  # mixed types
+    deleted = FakeJaxArray((4,))
+    deleted.unsafe_buffer_pointer = lambda: (_ for _ in ()).throw(RuntimeError("Array has been deleted"))
+    assert interop.signature((x, deleted)) is None  # raises while read
 
 
 def test_jax_order_handshakes_only_arrays_not_ready(fake_jax_registered):
