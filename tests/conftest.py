@@ -87,3 +87,16 @@ def pytest_runtest_makereport(item, call):
     if type(exc).__name__ == "UnsupportedDeviceError" and f"of kind {kind!r}" in str(exc):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0, f"MLA_CUPY_KERNEL={kind}: {exc}")
+
+
+@pytest.fixture
+def jax_gpu():
+    """(jax, its first GPU device); skips without JAX or without JAX's GPU backend."""
+    jax = pytest.importorskip("jax", reason="JAX is not installed")
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        devices = []
+    if not devices:
+        pytest.skip("JAX has no GPU backend")
+    return jax, devices[0]

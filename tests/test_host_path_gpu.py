@@ -284,18 +284,6 @@ def test_torch_graph_of_several_layers(torch_cuda):
                          msg=f"torch graph replay layer {layer}")
 
 
-@pytest.fixture
-def jax_gpu():
-    jax = pytest.importorskip("jax", reason="JAX is not installed")
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        devices = []
-    if not devices:
-        pytest.skip("JAX has no GPU backend")
-    return jax, devices[0]
-
-
 def test_jax_fast_path_matches_reference_and_waits_for_pending_inputs(jax_gpu):
     jax, device = jax_gpu
     import jax.numpy as jnp

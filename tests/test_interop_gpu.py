@@ -64,18 +64,6 @@ def torch_cuda():
     return torch
 
 
-@pytest.fixture
-def jax_gpu():
-    jax = pytest.importorskip("jax", reason="JAX is not installed")
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        devices = []
-    if not devices:
-        pytest.skip("JAX has no GPU backend")
-    return jax, devices[0]
-
-
 def test_cupy_arrays_pass_through_on_the_current_stream():
     q = cupy.arange(6, dtype=cupy.float32)
     arrays, ctx = import_arrays({"q": q, "out": None})
