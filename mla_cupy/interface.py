@@ -113,7 +113,7 @@ class _FastMetadata:
                                                  ((batch + 1,), "int32"))
         self.stream = _interop.current_stream_ptr
 
-    def run(self, seqlens, _arrays=None):
+    def run(self, seqlens, _cache_seqlens=None):
         sched, sched_ptr, num_splits, splits_ptr = self.new_results()
         self.launch(self.stream(self.framework, self.device_id), seqlens, sched_ptr, splits_ptr)
         return sched, num_splits
@@ -152,7 +152,7 @@ class _FastDecode:
                                                  (plan.lse_shape, "float32"))
         self.stream = _interop.current_stream_ptr
 
-    def run(self, pointers, out, lse, _arrays=None):
+    def run(self, pointers, out, lse, _args=None):
         stream = self.stream(self.framework, self.device_id)
         if out is None and lse is None:
             out, out_ptr, lse, lse_ptr = self.new_results()
@@ -179,9 +179,9 @@ class _FastDecodeJax(_FastDecode):
         super().__init__(framework, device_id, plan)
         self.order, self.export = _interop.jax_order, _interop.JaxResults(device_id)
 
-    def run(self, pointers, out, lse, arrays):
+    def run(self, pointers, out, lse, args):
         stream = self.stream(self.framework, self.device_id)
-        self.order(arrays, stream)
+        self.order(args, stream)  # (out and lse are None with JAX)
         out, out_ptr, lse, lse_ptr = self.new_results()
         self.launch_into(stream, pointers, out_ptr, lse_ptr)
         return self.export(out), self.export(lse)
@@ -230,14 +230,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
     """
     fast_key = None
     if stream is None and not _validate.resolve_validate(validate):
-        sig = _signature((q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse))
+        args = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, lse)
+        sig = _signature(args)
         if sig is not None:
             fast_key = (sig[1], type(head_dim_v), head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal,
                         type(is_fp8_kvcache), is_fp8_kvcache, indices is None, _kind())
             entry = _cached(_fast_plans, fast_key)
             if entry is not None:
-                return entry.run(sig[2], out, lse, (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                                                    num_splits))
+                return entry.run(sig[2], out, lse, args)
     named = {"q": q, "k_cache": k_cache, "block_table": block_table, "cache_seqlens": cache_seqlens,
              "tile_scheduler_metadata": tile_scheduler_metadata, "num_splits": num_splits,
              "out": out, "lse": lse}
