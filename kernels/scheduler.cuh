@@ -2,9 +2,11 @@
 // (FlashMLA's greedy scheme, mirrored exactly by mla_cupy/scheduler.py).
 //
 // Grid (1), block (32): one warp. Cost of a request = ceil(seqlen / 64) blocks + 5 fixed blocks;
-// each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or P + (P >> 6)
-// where that at least halves the splits (lane 0 writes the schedule at P while lane 1 counts the
-// splits at the larger one), and a request that does not fit is split at a block boundary.
+// each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or the smaller
+// max(ceil(blocks / parts) + 5, 10) where its walk places every request (batches with fewer
+// requests than parts), then P + (P >> 6) where that at least halves the splits; a request
+// that does not fit is split at a block boundary. Lanes 0-3 walk the four candidates at once
+// (lane 0 writing the schedule at P), and lane 0 writes it again where another one is chosen.
 // Output per part p (8 int32): begin_req, end_req (inclusive), begin_block, end_block (64-token
 // blocks of the first / last request; the last one ends at min(end_block * 64, seqlen)),
 // begin_split_idx, is_first_req_split, is_last_req_split, 0.
@@ -27,19 +29,20 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
   __shared__ int blocks_smem[kMetadataSmemRequests];
   const int lane = threadIdx.x;
   const int B = p.block_tokens, F = p.fixed_overhead;
-  int total = 0;
+  int work = 0;
   for (int i = lane; i < p.batch; i += 32) {
     const int blocks = ceil_div(p.seqlens[i], B);
     if (i < kMetadataSmemRequests) blocks_smem[i] = blocks;
-    total += blocks + F;
+    work += blocks;
   }
-  for (int off = 16; off >= 1; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+  for (int off = 16; off >= 1; off >>= 1) work += __shfl_xor_sync(0xffffffffu, work, off);
+  const int total = work + F * p.batch;
   __syncwarp();
   auto blocks_of = [&](int i) { return i < kMetadataSmemRequests ? blocks_smem[i] : ceil_div(p.seqlens[i], B); };
 
-  // The greedy walk at `payload`: returns its number of splits and, with `write`, fills the
-  // schedule rows (but for the split flags) and num_splits.
-  auto walk = [&](int payload, bool write) {
+  // The greedy walk at `payload`: returns its number of splits, sets `placed` to the requests it
+  // placed and, with `write`, fills the schedule rows (but for the split flags) and num_splits.
+  auto walk = [&](int payload, bool write, int& placed) {
     int now_req = 0, now_block = 0, now_split = 0, cum = 0, splits = 0;
     if (write) p.num_splits[0] = 0;
     for (int part = 0; part < p.num_sm_parts; ++part) {
@@ -78,18 +81,36 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
         }
       }
     }
+    placed = now_req;
     return splits;
   };
-  // Lane 0 writes the schedule at P while lane 1 counts the splits at the larger payload (the
-  // two walks run at once); where the larger one at least halves the splits, lane 0 writes it
-  // over the first.
+  // The candidates: P, its larger step, the smaller payload (walked only where the requests
+  // alone fit in it: every piece pays F) and its larger step. Lane 0 writes the schedule at P
+  // while lanes 1-3 count splits and placed requests at the others; lane 0 writes it again
+  // where the choice (as scheduler.choose_payload) is not P.
   const int base_payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
-  const int larger = base_payload + (base_payload >> kSchedPayloadStepShift);
-  int splits = 0;
-  if (lane == 0 || (lane == 1 && larger > base_payload)) splits = walk(lane == 0 ? base_payload : larger, lane == 0);
-  const int splits_base = __shfl_sync(0xffffffffu, splits, 0);
-  const int splits_larger = __shfl_sync(0xffffffffu, splits, 1);
-  if (lane == 0 && larger > base_payload && splits_base > 0 && 2 * splits_larger <= splits_base) walk(larger, true);
+  const int low_payload = max(ceil_div(work, p.num_sm_parts) + F, 2 * F);
+  const bool try_low = low_payload < base_payload && (long long)total <= (long long)p.num_sm_parts * low_payload;
+  int payload = 0;
+  if (lane == 0) payload = base_payload;
+  if (lane == 1) payload = base_payload + (base_payload >> kSchedPayloadStepShift);
+  if (lane == 2 && try_low) payload = low_payload;
+  if (lane == 3 && try_low) payload = low_payload + (low_payload >> kSchedPayloadStepShift);
+  int splits = 0, placed = 0;
+  if (payload > 0) splits = walk(payload, lane == 0, placed);
+  int cand_payload[4], cand_splits[4], cand_placed[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    cand_payload[c] = __shfl_sync(0xffffffffu, payload, c);
+    cand_splits[c] = __shfl_sync(0xffffffffu, splits, c);
+    cand_placed[c] = __shfl_sync(0xffffffffu, placed, c);
+  }
+  const int first = try_low && cand_placed[2] == p.batch ? 2 : 0;  // P, or the smaller one
+  int chosen = first;
+  if (cand_payload[first + 1] > cand_payload[first] && cand_splits[first] > 0 &&
+      cand_placed[first + 1] == p.batch && 2 * cand_splits[first + 1] <= cand_splits[first])
+    chosen = first + 1;
+  if (lane == 0 && chosen != 0) walk(cand_payload[chosen], true, placed);
   __syncthreads();  // num_splits complete and visible to the whole (one-warp) block
 
   for (int part = lane; part < p.num_sm_parts; part += 32) {

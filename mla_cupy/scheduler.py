@@ -12,11 +12,15 @@ Cost model: a request of ``seqlen`` tokens costs ``ceil(seqlen / B) + F`` blocks
 loading a request, writing its output and, if split, combining it). The total is shared out
 greedily, a payload of blocks per part, and a request that does not fit in what is left of a part
 is split: its first blocks stay with this part and the rest open the next one. The payload is
-``P = max(ceil(total / num_sm_parts) + F, 2 F)``, or ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)`` where
-that slightly larger one at least halves the number of splits: a split costs a partial result
-and a merge, and where parts are a sliver short of whole requests (a uniform batch of 128
-requests of 64 blocks on 33 parts: three requests and 96 % of a fourth per part at ``P``) the
-larger payload removes every split for ~1 % more work per part (measured: 5 % faster).
+``P = max(ceil(total / num_sm_parts) + F, 2 F)``; where a batch has fewer requests than parts,
+the smaller ``max(ceil(blocks / num_sm_parts) + F, 2 F)`` (each part pays F once) when its walk
+still places every request, since ``total`` counts F once per request while a split request
+pays it once per piece (4 requests of 128 blocks on 66 parts: 9 blocks per part at ``P``, 58
+parts busy; 8 blocks at the smaller one, 64 busy). Then ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)``
+where that slightly larger one at least halves the number of splits: a split costs a partial
+result and a merge, and where parts are a sliver short of whole requests (a uniform batch of
+128 requests of 64 blocks on 33 parts: three requests and 96 % of a fourth per part at ``P``)
+the larger payload removes every split for ~1 % more work per part (measured: 5 % faster).
 
 Layout of one row of ``tile_scheduler_metadata`` (``SCHED_METADATA_SIZE`` int32):
 
@@ -198,14 +202,25 @@ def _walk(blocks, parts, payload, metadata=None, num_splits=None):
 
 def choose_payload(blocks, parts):
     """The payload of each part for requests of `blocks` scheduling blocks over `parts` parts:
-    ``P = max(ceil(total / parts) + F, 2 F)``, or ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)`` where that
-    one at least halves the splits of the greedy walk (see the module docstring)."""
+    ``P = max(ceil(total / parts) + F, 2 F)``, or the smaller ``max(ceil(sum(blocks) / parts) +
+    F, 2 F)`` where the walk at that one places every request; then ``P + (P >>
+    SCHED_PAYLOAD_STEP_SHIFT)`` where that one at least halves the splits of the greedy walk (see
+    the module docstring)."""
     overhead = SCHED_FIXED_OVERHEAD_BLOCKS
-    total = sum(int(b) for b in blocks) + overhead * len(blocks)
+    batch = len(blocks)
+    work = sum(int(b) for b in blocks)
+    total = work + overhead * batch
     payload = max(-(-total // parts) + overhead, 2 * overhead)
+    # Every piece pays F, so the smaller payload can hold the batch only if its requests alone
+    # fit (total <= parts * low); only then is it walked.
+    low = max(-(-work // parts) + overhead, 2 * overhead)
+    if low < payload and total <= parts * low and _walk(blocks, parts, low)[0] == batch:
+        payload = low
     larger = payload + (payload >> SCHED_PAYLOAD_STEP_SHIFT)
     if larger > payload:
         base = _walk(blocks, parts, payload)[1]
-        if base > 0 and 2 * _walk(blocks, parts, larger)[1] <= base:
-            return larger
+        if base > 0:
+            placed, splits = _walk(blocks, parts, larger)
+            if placed == batch and 2 * splits <= base:
+                return larger
     return payload

@@ -365,6 +365,9 @@ def test_metadata_matches_host_scheduler(s_q, h_q, h_kv):
         np.maximum(rng.normal(4096, 1024, size=128), 1),
         rng.choice([0, 1, 63, 64, 65, 4096, 1 << 20], size=300),
         rng.integers(0, 100000, size=int(rng.integers(1, 40))),
+        [8192] * 4,  # fewer requests than parts: the smaller payload
+        [64, 4160],
+        rng.integers(0, 200000, size=int(rng.integers(1, 12))),
         rng.integers(0, 3000, size=9000),  # past the requests staged in shared memory
     ]
     rows = s_q * h_q // h_kv

@@ -29,8 +29,9 @@ def check_schedule(seqlens, parts):
     blocks = -(-seqlens.astype(np.int64) // B)
     total = int(blocks.sum()) + F * batch
     least = max(-(-total // parts) + F, 2 * F)
+    low = max(-(-int(blocks.sum()) // parts) + F, 2 * F)  # F once per part
     payload = choose_payload(blocks.tolist(), parts)
-    assert payload in (least, least + (least >> SCHED_PAYLOAD_STEP_SHIFT)), context
+    assert payload in {c + (c >> k) for c in (least, low) for k in (SCHED_PAYLOAD_STEP_SHIFT, 64)}, context
     splits = np.diff(num_splits)
     assert num_splits[0] == 0, context
     assert (splits >= 1).all(), f"a request without a split: {context}"
@@ -84,9 +85,10 @@ def test_hand_worked_examples():
     meta, splits = schedule(np.array([640, 640], np.int32), 2)
     assert meta.tolist() == [[0, 0, 0, 10, 0, 0, 0, 0], [1, 1, 0, 10, 0, 0, 0, 0]]
     assert splits.tolist() == [0, 1, 2]
-    # One request of 30 blocks over 2 parts: payload 23, split after 18 blocks.
+    # One request of 30 blocks over 2 parts: total 35, but each part pays F once: payload 15 + 5
+    # (not 18 + 5), split after 15 blocks.
     meta, splits = schedule(np.array([30 * 64], np.int32), 2)
-    assert meta.tolist() == [[0, 0, 0, 18, 0, 1, 1, 0], [0, 0, 18, 30, 1, 1, 1, 0]]
+    assert meta.tolist() == [[0, 0, 0, 15, 0, 1, 1, 0], [0, 0, 15, 30, 1, 1, 1, 0]]
     assert splits.tolist() == [0, 2]
     # Two short requests over 3 parts: total 12, payload 10 (the 2F floor); the second
     # request does not fit in what part 0 has left, and part 2 stays empty.
@@ -94,10 +96,11 @@ def test_hand_worked_examples():
     assert meta.tolist() == [[0, 0, 0, 1, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0, 0],
                              [2, 1, 0, 1, 0, 0, 0, 0]]
     assert splits.tolist() == [0, 1, 2]
-    # Blocks [1, 2] over 2 parts: payload 12; request 1 is split after its first block.
+    # Blocks [1, 2] over 2 parts: P would be 12 (request 1 split after its first block); the
+    # smaller payload, 10 (the 2F floor), places both whole, one per part.
     meta, splits = schedule(np.array([1, 65], np.int32), 2)
-    assert meta.tolist() == [[0, 1, 0, 1, 0, 0, 1, 0], [1, 1, 1, 2, 1, 1, 1, 0]]
-    assert splits.tolist() == [0, 1, 3]
+    assert meta.tolist() == [[0, 0, 0, 1, 0, 0, 0, 0], [1, 1, 0, 2, 0, 0, 0, 0]]
+    assert splits.tolist() == [0, 1, 2]
     # Two empty requests: payload 10 holds both exactly (a request fits when remain == cost).
     meta, splits = schedule(np.array([0, 0], np.int32), 2)
     assert meta.tolist() == [[0, 1, 0, 0, 0, 0, 0, 0], [2, 1, 0, 0, 0, 0, 0, 0]]
@@ -131,6 +134,22 @@ def test_the_larger_payload_where_it_halves_the_splits():
     check_schedule(np.full(127, 4100, np.int32), 33)
     # Below 64 blocks the larger payload is P itself: (40 + 20) / 2 + 5.
     assert choose_payload([10] * 4, 2) == 35
+
+
+def test_the_smaller_payload_for_fewer_requests_than_parts():
+    # 4 requests of 128 blocks over 66 parts: total 532, P = 9 + 5 = 14 would give 9 blocks to
+    # each of 58 parts. Every piece pays F, so the requests alone (512 blocks) set the payload:
+    # 8 + 5 = 13, and 64 parts take 8 blocks each.
+    assert choose_payload([128] * 4, 66) == 13
+    meta, splits = check_schedule(np.full(4, 8192, np.int32), 66)
+    assert np.diff(splits).tolist() == [16] * 4
+    assert [int(r[3] - r[2]) for r in meta[:64]] == [8] * 64
+    assert (meta[64:, 0] == 4).all()  # two parts left empty
+    # Where the smaller payload does not place every request, P stays: [1, 100] over 4 parts
+    # needs 33 (at 31 the last part would be 2 blocks short).
+    assert choose_payload([1, 100], 4) == 33
+    # Many requests: their own F alone exceeds what the smaller payload holds, P stays.
+    assert choose_payload([64] * 128, 66) == 139  # 8832 blocks with F: more than 66 x 130
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 7, 66, 132, 264])
