@@ -202,15 +202,15 @@ def test_plot_series():
     configs, times, ratios = bench.plot_series(records[:2])
     assert configs == ["b128 s_q1 h16", "b128 s_q1 h32"]
     assert list(times) == ["mla_cupy", "FlashMLA", "FlashInfer"]
-    assert times["mla_cupy"] == [152.2, 153.3] and times["FlashMLA"] == [157.6, 157.8]
+    assert times["mla_cupy"] == [148.9, 153.0] and times["FlashMLA"] == [157.1, 158.1]
     assert list(ratios) == ["FlashMLA / mla_cupy", "FlashInfer / mla_cupy"]
-    assert ratios["FlashInfer / mla_cupy"][0] == pytest.approx(151.5 / 152.2)
+    assert ratios["FlashInfer / mla_cupy"][0] == pytest.approx(150.8 / 148.9)
     kinds = [dict(records[0], kernel="sm90"), dict(records[0], kernel="portable", us=200.0,
                                                    peer_us=None, fi_us=None)]
     configs, times, ratios = bench.plot_series(kinds)
     assert list(times) == ["mla_cupy (sm90)", "mla_cupy (portable)", "FlashMLA", "FlashInfer"]
-    assert times["FlashMLA"] == [157.6]  # a peer's time is the configuration's, whatever the kind
-    assert ratios["FlashMLA / mla_cupy (portable)"] == [pytest.approx(157.6 / 200.0)]
+    assert times["FlashMLA"] == [157.1]  # a peer's time is the configuration's, whatever the kind
+    assert ratios["FlashMLA / mla_cupy (portable)"] == [pytest.approx(157.1 / 200.0)]
     _, times, ratios = bench.plot_series([dict(records[0], peer_us=None, fi_us=None)])
     assert list(times) == ["mla_cupy"] and ratios == {}
 
