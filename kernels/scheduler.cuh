@@ -5,8 +5,8 @@
 // each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or the smaller
 // max(ceil(blocks / parts) + 5, 10) where its walk places every request (batches with fewer
 // requests than parts), then P + (P >> 6) where that at least halves the splits; a request
-// that does not fit is split at a block boundary. Lanes 0-3 walk the four candidates at once
-// (lane 0 writing the schedule at P), and lane 0 writes it again where another one is chosen.
+// that does not fit is split at a block boundary. Lanes 0-3 walk the candidates at once (lane
+// 0 writing the schedule at one of them), and lane 0 writes it again where another is chosen.
 // Output per part p (8 int32): begin_req, end_req (inclusive), begin_block, end_block (64-token
 // blocks of the first / last request; the last one ends at min(end_block * 64, seqlen)),
 // begin_split_idx, is_first_req_split, is_last_req_split, 0.
@@ -84,33 +84,48 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
     placed = now_req;
     return splits;
   };
-  // The candidates: P, its larger step, the smaller payload (walked only where the requests
-  // alone fit in it: every piece pays F) and its larger step. Lane 0 writes the schedule at P
-  // while lanes 1-3 count splits and placed requests at the others; lane 0 writes it again
-  // where the choice (as scheduler.choose_payload) is not P.
+  // The candidates: P, the smaller payload and each one's larger step. The smaller one is
+  // walked only where the requests can fit in it: each request takes at least
+  // ceil(blocks / (low - F)) pieces, each piece pays F, and the parts hold parts x low. Lane 0
+  // writes the schedule at the likelier choice (the smaller payload where it is walked, else
+  // P) while lanes 1-3 count splits and placed requests at the others; lane 0 writes it again
+  // where the choice (as scheduler.choose_payload) is another one.
+  const unsigned all = 0xffffffffu;
   const int base_payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
   const int low_payload = max(ceil_div(work, p.num_sm_parts) + F, 2 * F);
-  const bool try_low = low_payload < base_payload && (long long)total <= (long long)p.num_sm_parts * low_payload;
+  const int low_room = low_payload - F;  // blocks a piece can take at the smaller payload
+  bool try_low = false;
+  if (low_payload < base_payload && low_room > 0) {
+    int pieces = 0;
+    for (int i = lane; i < p.batch; i += 32) pieces += max(ceil_div(blocks_of(i), low_room), 1);
+    for (int off = 16; off >= 1; off >>= 1) pieces += __shfl_xor_sync(all, pieces, off);
+    try_low = (long long)work + (long long)F * pieces <= (long long)p.num_sm_parts * low_payload;
+  }
+  const int first_try = try_low ? low_payload : base_payload;  // lane 0's, written
+  const int second = try_low ? base_payload : 0;
+  // A larger step is walked only where it is larger (below 64 blocks it is the payload itself).
+  auto step_of = [](int payload) {
+    const int step = payload >> kSchedPayloadStepShift;
+    return step > 0 ? payload + step : 0;
+  };
   int payload = 0;
-  if (lane == 0) payload = base_payload;
-  if (lane == 1) payload = base_payload + (base_payload >> kSchedPayloadStepShift);
-  if (lane == 2 && try_low) payload = low_payload;
-  if (lane == 3 && try_low) payload = low_payload + (low_payload >> kSchedPayloadStepShift);
+  if (lane == 0) payload = first_try;
+  if (lane == 1) payload = step_of(first_try);
+  if (lane == 2) payload = second;
+  if (lane == 3) payload = step_of(second);
   int splits = 0, placed = 0;
   if (payload > 0) splits = walk(payload, lane == 0, placed);
-  int cand_payload[4], cand_splits[4], cand_placed[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    cand_payload[c] = __shfl_sync(0xffffffffu, payload, c);
-    cand_splits[c] = __shfl_sync(0xffffffffu, splits, c);
-    cand_placed[c] = __shfl_sync(0xffffffffu, placed, c);
-  }
-  const int first = try_low && cand_placed[2] == p.batch ? 2 : 0;  // P, or the smaller one
-  int chosen = first;
-  if (cand_payload[first + 1] > cand_payload[first] && cand_splits[first] > 0 &&
-      cand_placed[first + 1] == p.batch && 2 * cand_splits[first + 1] <= cand_splits[first])
-    chosen = first + 1;
-  if (lane == 0 && chosen != 0) walk(cand_payload[chosen], true, placed);
+  // The choice, from the lanes' results by shuffles: the smaller payload where it places every
+  // request, else P (lanes 0 and 1, or 2 and 3); then its larger step where that one places
+  // every request and at least halves the splits.
+  const int first = try_low && __shfl_sync(all, placed, 0) != p.batch ? 2 : 0;
+  const int first_payload = __shfl_sync(all, payload, first), first_splits = __shfl_sync(all, splits, first);
+  const int step_payload = __shfl_sync(all, payload, first + 1), step_splits = __shfl_sync(all, splits, first + 1);
+  const int step_placed = __shfl_sync(all, placed, first + 1);
+  const bool step = step_payload > first_payload && first_splits > 0 && step_placed == p.batch &&
+                    2 * step_splits <= first_splits;
+  const int chosen = step ? step_payload : first_payload;
+  if (lane == 0 && chosen != first_try) walk(chosen, true, placed);
   __syncthreads();  // num_splits complete and visible to the whole (one-warp) block
 
   for (int part = lane; part < p.num_sm_parts; part += 32) {

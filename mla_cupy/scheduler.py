@@ -16,7 +16,9 @@ is split: its first blocks stay with this part and the rest open the next one. T
 the smaller ``max(ceil(blocks / num_sm_parts) + F, 2 F)`` (each part pays F once) when its walk
 still places every request, since ``total`` counts F once per request while a split request
 pays it once per piece (4 requests of 128 blocks on 66 parts: 9 blocks per part at ``P``, 58
-parts busy; 8 blocks at the smaller one, 64 busy). Then ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)``
+parts busy; 8 blocks at the smaller one, 64 busy). It is walked only where a lower bound on
+the pieces (each request at least ``ceil(blocks / (low - F))``) leaves the batch room to fit.
+Then ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)``
 where that slightly larger one at least halves the number of splits: a split costs a partial
 result and a merge, and where parts are a sliver short of whole requests (a uniform batch of
 128 requests of 64 blocks on 33 parts: three requests and 96 % of a fourth per part at ``P``)
@@ -211,11 +213,14 @@ def choose_payload(blocks, parts):
     work = sum(int(b) for b in blocks)
     total = work + overhead * batch
     payload = max(-(-total // parts) + overhead, 2 * overhead)
-    # Every piece pays F, so the smaller payload can hold the batch only if its requests alone
-    # fit (total <= parts * low); only then is it walked.
+    # The smaller payload is walked only where the requests can fit in it: each request takes at
+    # least ceil(blocks / (low - F)) pieces, each piece pays F, and the parts hold parts * low.
     low = max(-(-work // parts) + overhead, 2 * overhead)
-    if low < payload and total <= parts * low and _walk(blocks, parts, low)[0] == batch:
-        payload = low
+    room = low - overhead
+    if low < payload and room > 0:
+        pieces = sum(max(-(-int(b) // room), 1) for b in blocks)
+        if work + overhead * pieces <= parts * low and _walk(blocks, parts, low)[0] == batch:
+            payload = low
     larger = payload + (payload >> SCHED_PAYLOAD_STEP_SHIFT)
     if larger > payload:
         base = _walk(blocks, parts, payload)[1]
