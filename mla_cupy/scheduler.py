@@ -18,11 +18,11 @@ still places every request, since ``total`` counts F once per request while a sp
 pays it once per piece (4 requests of 128 blocks on 66 parts: 9 blocks per part at ``P``, 58
 parts busy; 8 blocks at the smaller one, 64 busy). It is walked only where a lower bound on
 the pieces (each request at least ``ceil(blocks / (low - F))``) leaves the batch room to fit.
-Then ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)``
-where that slightly larger one at least halves the number of splits: a split costs a partial
-result and a merge, and where parts are a sliver short of whole requests (a uniform batch of
-128 requests of 64 blocks on 33 parts: three requests and 96 % of a fourth per part at ``P``)
-the larger payload removes every split for ~1 % more work per part (measured: 5 % faster).
+Then ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)`` where that slightly larger one at least halves the
+number of splits: a split costs a partial result and a merge, and where parts are a sliver short
+of whole requests (a uniform batch of 128 requests of 64 blocks on 33 parts: three requests and
+96 % of a fourth per part at ``P``) the larger payload removes every split for ~1 % more work
+per part (measured: 5 % faster).
 
 Layout of one row of ``tile_scheduler_metadata`` (``SCHED_METADATA_SIZE`` int32):
 

@@ -31,7 +31,8 @@ def check_schedule(seqlens, parts):
     least = max(-(-total // parts) + F, 2 * F)
     low = max(-(-int(blocks.sum()) // parts) + F, 2 * F)  # F once per part
     payload = choose_payload(blocks.tolist(), parts)
-    assert payload in {c + (c >> k) for c in (least, low) for k in (SCHED_PAYLOAD_STEP_SHIFT, 64)}, context
+    step = SCHED_PAYLOAD_STEP_SHIFT
+    assert payload in (least, least + (least >> step), low, low + (low >> step)), context
     splits = np.diff(num_splits)
     assert num_splits[0] == 0, context
     assert (splits >= 1).all(), f"a request without a split: {context}"
