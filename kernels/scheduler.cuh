@@ -3,10 +3,11 @@
 //
 // Grid (1), block (32): one warp. Cost of a request = ceil(seqlen / 64) blocks + 5 fixed blocks;
 // each part takes a payload of P = max(ceil(total / parts) + 5, 10) blocks, or the smaller
-// max(ceil(blocks / parts) + 5, 10) where its walk places every request (batches with fewer
-// requests than parts), then P + (P >> 6) where that at least halves the splits; a request
-// that does not fit is split at a block boundary. Lanes 0-3 walk the candidates at once (lane
-// 0 writing the schedule at one of them), and lane 0 writes it again where another is chosen.
+// max(ceil(blocks / parts) + 5, 10) where its walk places every request (where requests are
+// split over many parts: small batches), then the chosen payload's larger step, X + (X >> 6),
+// where that at least halves the splits; a request that does not fit is split at a block
+// boundary. Lanes 0-3 walk the candidates at once (lane 0 writing the schedule at one of
+// them), and lane 0 writes it again where another is chosen.
 // Output per part p (8 int32): begin_req, end_req (inclusive), begin_block, end_block (64-token
 // blocks of the first / last request; the last one ends at min(end_block * 64, seqlen)),
 // begin_split_idx, is_first_req_split, is_last_req_split, 0.
@@ -93,7 +94,7 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
   const unsigned all = 0xffffffffu;
   const int base_payload = max(ceil_div(total, p.num_sm_parts) + F, 2 * F);
   const int low_payload = max(ceil_div(work, p.num_sm_parts) + F, 2 * F);
-  const int low_room = low_payload - F;  // blocks a piece can take at the smaller payload
+  const int low_room = low_payload - F;  // blocks a piece can take there (0 only if F = 0, no work)
   bool try_low = false;
   if (low_payload < base_payload && low_room > 0) {
     int pieces = 0;
@@ -118,7 +119,8 @@ MLA_DEVICE void metadata_body(const MetadataParams& p) {
   // The choice, from the lanes' results by shuffles: the smaller payload where it places every
   // request, else P (lanes 0 and 1, or 2 and 3); then its larger step where that one places
   // every request and at least halves the splits.
-  const int first = try_low && __shfl_sync(all, placed, 0) != p.batch ? 2 : 0;
+  const int low_placed = __shfl_sync(all, placed, 0);  // (lane 0 walked low where try_low)
+  const int first = try_low && low_placed != p.batch ? 2 : 0;
   const int first_payload = __shfl_sync(all, payload, first), first_splits = __shfl_sync(all, splits, first);
   const int step_payload = __shfl_sync(all, payload, first + 1), step_splits = __shfl_sync(all, splits, first + 1);
   const int step_placed = __shfl_sync(all, placed, first + 1);

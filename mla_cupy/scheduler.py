@@ -8,21 +8,21 @@ NumPy statement of that plan. The two must agree bit for bit, and the CPU tests 
 plan's invariants here.
 
 Cost model: a request of ``seqlen`` tokens costs ``ceil(seqlen / B) + F`` blocks, where
-``B = SCHED_BLOCK_TOKENS`` and ``F = SCHED_FIXED_OVERHEAD_BLOCKS`` (the fixed price of
-loading a request, writing its output and, if split, combining it). The total is shared out
-greedily, a payload of blocks per part, and a request that does not fit in what is left of a part
-is split: its first blocks stay with this part and the rest open the next one. The payload is
-``P = max(ceil(total / num_sm_parts) + F, 2 F)``; where a batch has fewer requests than parts,
-the smaller ``max(ceil(blocks / num_sm_parts) + F, 2 F)`` (each part pays F once) when its walk
-still places every request, since ``total`` counts F once per request while a split request
-pays it once per piece (4 requests of 128 blocks on 66 parts: 9 blocks per part at ``P``, 58
-parts busy; 8 blocks at the smaller one, 64 busy). It is walked only where a lower bound on
-the pieces (each request at least ``ceil(blocks / (low - F))``) leaves the batch room to fit.
-Then ``P + (P >> SCHED_PAYLOAD_STEP_SHIFT)`` where that slightly larger one at least halves the
-number of splits: a split costs a partial result and a merge, and where parts are a sliver short
-of whole requests (a uniform batch of 128 requests of 64 blocks on 33 parts: three requests and
-96 % of a fourth per part at ``P``) the larger payload removes every split for ~1 % more work
-per part (measured: 5 % faster).
+``B = SCHED_BLOCK_TOKENS`` and ``F = SCHED_FIXED_OVERHEAD_BLOCKS`` (the fixed price of loading a
+request, writing its output and, if split, combining it). The total is shared out greedily, a
+payload of blocks per part, and a request that does not fit in what is left of a part is split:
+its first blocks stay with this part and the rest open the next one. The payload is
+``P = max(ceil(total / num_sm_parts) + F, 2 F)``; where requests are split over many parts
+(small batches), the smaller ``max(ceil(blocks / num_sm_parts) + F, 2 F)`` (each part pays F
+once) when its walk still places every request, since ``total`` counts F once per request while
+a split request pays it once per piece (4 requests of 128 blocks on 66 parts: 9 blocks per part
+at ``P``, 58 parts busy; 8 blocks at the smaller one, 64 busy). It is walked only where a lower
+bound on the pieces (each request at least ``ceil(blocks / (low - F))``) leaves the batch room
+to fit. Then the chosen payload's larger step, ``X + (X >> SCHED_PAYLOAD_STEP_SHIFT)``, where
+that slightly larger one at least halves the number of splits: a split costs a partial result
+and a merge, and where parts are a sliver short of whole requests (a uniform batch of 128
+requests of 64 blocks on 33 parts: three requests and 96 % of a fourth per part at ``P``) the
+larger payload removes every split for ~1 % more work per part (measured: 5 % faster).
 
 Layout of one row of ``tile_scheduler_metadata`` (``SCHED_METADATA_SIZE`` int32):
 
@@ -205,9 +205,9 @@ def _walk(blocks, parts, payload, metadata=None, num_splits=None):
 def choose_payload(blocks, parts):
     """The payload of each part for requests of `blocks` scheduling blocks over `parts` parts:
     ``P = max(ceil(total / parts) + F, 2 F)``, or the smaller ``max(ceil(sum(blocks) / parts) +
-    F, 2 F)`` where the walk at that one places every request; then ``P + (P >>
-    SCHED_PAYLOAD_STEP_SHIFT)`` where that one at least halves the splits of the greedy walk (see
-    the module docstring)."""
+    F, 2 F)`` where the walk at that one places every request; then that payload's larger
+    step, ``X + (X >> SCHED_PAYLOAD_STEP_SHIFT)``, where it at least halves the splits of the
+    greedy walk (see the module docstring)."""
     overhead = SCHED_FIXED_OVERHEAD_BLOCKS
     batch = len(blocks)
     work = sum(int(b) for b in blocks)
