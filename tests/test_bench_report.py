@@ -5,6 +5,8 @@ table from JSON lines with the benchmark's own table formatting.
 tests/data/bench_readme.jsonl holds the results behind the README's table (rebuilt from the
 table as printed: the displayed values, not the run's full precision). When the table is
 updated from a new run (``python scripts/bench_report.py RUN.jsonl``), copy RUN.jsonl there.
+tests/data/bench_readme_extra.jsonl does the same for the second table, the shapes outside the
+standard sweep (``--marker bench-table-extra``).
 """
 
 import importlib.util
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.cpu
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "bench_readme.jsonl"
+EXTRA_FIXTURE = ROOT / "tests" / "data" / "bench_readme_extra.jsonl"
 README = ROOT / "README.md"
 
 
@@ -86,6 +89,17 @@ def test_readme_table_is_the_rendering_of_its_json_lines(report, fixture_records
         "README.md's table after <!-- bench-table --> is not what bench.format_table makes of "
         f"{FIXTURE.relative_to(ROOT)}: update the table with `python scripts/bench_report.py "
         f"RUN.jsonl` and copy RUN.jsonl to {FIXTURE.relative_to(ROOT)}")
+
+
+def test_readme_extra_table_is_the_rendering_of_its_json_lines(report):
+    header, records = bench.read_json_lines(EXTRA_FIXTURE)
+    assert header["kind"] == "header" and list(header) == list(bench.HEADER_KEYS)
+    assert [r["config"] for r in records] == [c.name for c in bench.extra_sweep()]
+    text = README.read_text(encoding="utf-8")
+    assert report.update_text(text, records, "bench-table-extra") == text, (
+        "README.md's table after <!-- bench-table-extra --> is not what bench.format_table makes "
+        f"of {EXTRA_FIXTURE.relative_to(ROOT)}: update it with `python scripts/bench_report.py "
+        f"RUN.jsonl --marker bench-table-extra` and copy RUN.jsonl to {EXTRA_FIXTURE.relative_to(ROOT)}")
 
 
 def test_table_is_the_bench_table(report, fixture_records):
