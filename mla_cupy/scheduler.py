@@ -217,13 +217,16 @@ def choose_payload(blocks, parts):
     # least ceil(blocks / (low - F)) pieces, each piece pays F, and the parts hold parts * low.
     low = max(-(-work // parts) + overhead, 2 * overhead)
     room = low - overhead
+    walked = None  # (placed, splits) of the walk at `payload`, once made
     if low < payload and room > 0:
         pieces = sum(max(-(-int(b) // room), 1) for b in blocks)
-        if work + overhead * pieces <= parts * low and _walk(blocks, parts, low)[0] == batch:
-            payload = low
+        if work + overhead * pieces <= parts * low:
+            at_low = _walk(blocks, parts, low)
+            if at_low[0] == batch:
+                payload, walked = low, at_low
     larger = payload + (payload >> SCHED_PAYLOAD_STEP_SHIFT)
     if larger > payload:
-        base = _walk(blocks, parts, payload)[1]
+        base = (walked or _walk(blocks, parts, payload))[1]
         if base > 0:
             placed, splits = _walk(blocks, parts, larger)
             if placed == batch and 2 * splits <= base:
