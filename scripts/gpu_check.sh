@@ -122,7 +122,12 @@ extra_lines=()
 if [[ ${GPU_CHECK_SANITIZE:-0} != 0 ]]; then
   section "compute-sanitizer: bash scripts/sanitize.sh"
   bash scripts/sanitize.sh 2>&1 | tee "$logs/sanitize.txt"
-  extra_lines+=("sanitize.sh (exit ${PIPESTATUS[0]}): $(grep -cE '^[a-z]+check: 0 errors' "$logs/sanitize.txt") tools clean")
+  sanitize_rc=${PIPESTATUS[0]}
+  # The summary's tool lines: "<tool>check: N errors (...)"; those with errors are named.
+  tools=$(grep -cE '^[a-z]+check: ' "$logs/sanitize.txt")
+  clean=$(grep -cE '^[a-z]+check: 0 errors' "$logs/sanitize.txt")
+  dirty=$(grep -E '^[a-z]+check: ' "$logs/sanitize.txt" | grep -vE '^[a-z]+check: 0 errors' | sed 's/ *(.*//' | paste -sd, - | sed 's/,/, /g')
+  extra_lines+=("sanitize.sh (exit $sanitize_rc): $clean of $tools tools clean${dirty:+; not clean: $dirty}")
 fi
 if [[ -n ${GPU_CHECK_LONG_RUN:-} ]]; then
   section "long run: python scripts/long_run.py --calls $GPU_CHECK_LONG_RUN"
